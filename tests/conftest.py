@@ -1,0 +1,42 @@
+"""Shared fixtures: the reference model location and GPU/model skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_model_dir() -> Path | None:
+    """OSCAR_TINY_LM env var, else ../shared/models/oscar-tiny-code-lm beside the repo."""
+    env = os.environ.get("OSCAR_TINY_LM")
+    for cand in ([Path(env)] if env else []) + [
+        REPO.parent / "shared" / "models" / "oscar-tiny-code-lm",
+        REPO / "shared" / "models" / "oscar-tiny-code-lm",
+    ]:
+        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir() -> Path:
+    d = reference_model_dir()
+    if d is None:
+        pytest.skip("reference model not found: set OSCAR_TINY_LM or place it at "
+                    "../shared/models/oscar-tiny-code-lm")
+    return d
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
