@@ -1,0 +1,310 @@
+"""Streaming fp64 calibration statistics (framework-free: no transformers import).
+
+Per layer and KV head h (query head j belongs to group h = j // g) this accumulates, over all
+calibration tokens t of all sequences:
+
+- ``qq[h] = sum_t sum_{j in h} q_{t,j}^T q_{t,j}``, ``kk[h] = sum_t k^T k``,
+  ``vv[h] = sum_t v^T v``;
+- pass 1, true causal softmax weighting: ``s_t = mean_{j in h} sum_{i>=t} S_j[i,t]^2`` with
+  ``S_j = softmax(q_j k_h^T / sqrt(D))`` causal within the sequence; ``svv[h] = sum_t s_t v^T v``;
+- pass 2, the reference ``sst`` surrogate: ``w_t = k_t C_h k_t^T`` with the *final*
+  ``C_h = qq[h] / (N g)``; ``wvv[h] = sum_t w_t v^T v``. It needs C_h from the whole of pass 1,
+  hence a second pass over the same tokens.
+
+Everything is accumulated in float64 so that the result does not depend on how tokens are
+batched. The on-disk schema is the "Statistics" section of docs/design.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from oscar_kv.config import ModelGeometry
+from oscar_kv.errors import OscarError
+
+STATS_FORMAT = "oscar-kv-stats"
+STATS_VERSION = 1
+STATS_FILE = "stats.pt"
+HOLDOUT_FILE = "holdout.pt"
+# Upper bound on the fp64 score block [Hq, B, T] materialized at once (elements).
+_SCORE_BLOCK_ELEMS = 1 << 25
+
+
+@dataclass
+class LayerStats:
+    """fp64 accumulators of one layer; all matrices [Hkv, D, D], sums [Hkv]."""
+
+    num_kv_heads: int
+    head_dim: int
+    device: torch.device | str = "cpu"
+    n: int = 0
+    n_q: int = 0
+    n_pass2: int = 0
+    num_sequences: int = 0
+    max_seq_len: int = 0
+    qq: torch.Tensor = field(init=False)
+    kk: torch.Tensor = field(init=False)
+    vv: torch.Tensor = field(init=False)
+    wvv: torch.Tensor = field(init=False)
+    svv: torch.Tensor = field(init=False)
+    w_sum: torch.Tensor = field(init=False)
+    s_sum: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        mat = lambda: torch.zeros(self.num_kv_heads, self.head_dim, self.head_dim,
+                                  dtype=torch.float64, device=self.device)
+        self.qq, self.kk, self.vv, self.wvv, self.svv = mat(), mat(), mat(), mat(), mat()
+        self.w_sum = torch.zeros(self.num_kv_heads, dtype=torch.float64, device=self.device)
+        self.s_sum = torch.zeros_like(self.w_sum)
+
+    def group_query_cov(self) -> torch.Tensor:
+        """C_h = qq[h] / (N g): fp64 [Hkv, D, D] (the final one once pass 1 is complete)."""
+        if self.n_q == 0:
+            raise OscarError("pass 2 needs pass-1 statistics; run add_pass1 over the data first")
+        return self.qq / self.n_q
+
+    def to_dict(self) -> dict:
+        """The per-layer entry of the design.md schema (CPU fp64 tensors)."""
+        cpu = lambda x: x.detach().to("cpu", torch.float64).clone()
+        return {"qq": cpu(self.qq), "kk": cpu(self.kk), "vv": cpu(self.vv),
+                "wvv": cpu(self.wvv), "w_sum": cpu(self.w_sum),
+                "svv": cpu(self.svv), "s_sum": cpu(self.s_sum),
+                "n": int(self.n), "n_q": int(self.n_q)}
+
+
+def softmax_key_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal softmax column energy per key, averaged over each group's query heads.
+
+    q: [T, Hq, D], k: [T, Hkv, D] (one sequence, any float dtype; computed in fp64).
+    Returns s: fp64 [Hkv, T], s[h, t] = mean_{j in h} sum_{i >= t} S_j[i, t]^2 with
+    S_j = softmax_t(q_{i,j} . k_{t,h} / sqrt(D)) over keys t <= i.
+    """
+    t_len, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qh = q.to(torch.float64).permute(1, 0, 2).reshape(hkv, g, t_len, d)
+    kh = k.to(torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
+    col = torch.zeros(hkv, g, t_len, dtype=torch.float64, device=q.device)
+    block = max(1, min(t_len, _SCORE_BLOCK_ELEMS // max(1, hq * t_len)))
+    scale = 1.0 / math.sqrt(d)
+    for i0 in range(0, t_len, block):
+        i1 = min(t_len, i0 + block)
+        # logits [Hkv, g, B, i1]: query rows i0..i1-1 only see keys 0..i1-1 (causal).
+        logits = torch.einsum("hgid,htd->hgit", qh[:, :, i0:i1], kh[:, :i1]) * scale
+        rows = torch.arange(i0, i1, device=q.device)[:, None]
+        cols = torch.arange(i1, device=q.device)[None, :]
+        logits.masked_fill_(cols > rows, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        col[:, :, :i1] += probs.square().sum(dim=2)
+    return col.mean(dim=1)
+
+
+def _weighted_vv(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """v: fp64 [Hkv, T, D], w: fp64 [Hkv, T] -> sum_t w_t v_t^T v_t : [Hkv, D, D]."""
+    return (v * w[..., None]).transpose(1, 2) @ v
+
+
+class StatsAccumulator:
+    """Streaming per-layer statistics for one model (see the module docstring).
+
+    Usage: ``add_pass1`` over every calibration sequence and layer, then ``add_pass2`` over the
+    same sequences, then ``finalize()`` or ``save(dir)``. Inputs may live on any device; the
+    accumulators live on ``device`` (default: that of the first input).
+    """
+
+    def __init__(self, geometry: ModelGeometry, token_source: str = "",
+                 device: torch.device | str | None = None) -> None:
+        self.geometry = geometry
+        self.token_source = token_source
+        self.device = device
+        self.layers: dict[int, LayerStats] = {}
+        self._pass2_started = False
+        self._cov: dict[int, torch.Tensor] = {}
+
+    def _layer(self, layer: int, like: torch.Tensor) -> LayerStats:
+        if not 0 <= layer < self.geometry.num_layers:
+            raise OscarError(f"layer {layer} is out of range for a model with "
+                             f"{self.geometry.num_layers} layers")
+        if layer not in self.layers:
+            dev = self.device if self.device is not None else like.device
+            self.layers[layer] = LayerStats(self.geometry.num_kv_heads, self.geometry.head_dim, dev)
+        return self.layers[layer]
+
+    def _check(self, layer: int, name: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+        d = self.geometry.head_dim
+        if x.ndim != 3 or x.shape[1] != heads or x.shape[2] != d:
+            raise OscarError(f"layer {layer}: {name} has shape {tuple(x.shape)}, expected "
+                             f"[tokens, {heads}, {d}]; check the model geometry")
+        if not bool(torch.isfinite(x).all()):
+            raise OscarError(f"layer {layer}: captured {name} contains NaN or Inf; run the "
+                             f"calibration in float32 or check the model weights")
+        return x
+
+    def add_pass1(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Accumulate one sequence: q [T, Hq, D], k/v [T, Hkv, D] (post-RoPE q/k, raw v)."""
+        if self._pass2_started:
+            raise OscarError("pass 1 data arrived after pass 2 started; run all of pass 1 first")
+        geo = self.geometry
+        self._check(layer, "q", q, geo.num_q_heads)
+        self._check(layer, "k", k, geo.num_kv_heads)
+        self._check(layer, "v", v, geo.num_kv_heads)
+        t_len = q.shape[0]
+        if k.shape[0] != t_len or v.shape[0] != t_len:
+            raise OscarError(f"layer {layer}: q, k, v token counts differ "
+                             f"({t_len}, {k.shape[0]}, {v.shape[0]})")
+        if t_len == 0:
+            return
+        st = self._layer(layer, q)
+        dev, g, hkv, d = st.device, geo.gqa_ratio, geo.num_kv_heads, geo.head_dim
+        q64 = q.to(dev, torch.float64)
+        k64 = k.to(dev, torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
+        v64 = v.to(dev, torch.float64).permute(1, 0, 2)
+        qg = q64.reshape(t_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t_len * g, d)
+        s = softmax_key_weights(q64, k64.permute(1, 0, 2))
+        st.qq += qg.transpose(1, 2) @ qg
+        st.kk += k64.transpose(1, 2) @ k64
+        st.vv += v64.transpose(1, 2) @ v64
+        st.svv += _weighted_vv(v64, s)
+        st.s_sum += s.sum(dim=1)
+        st.n += t_len
+        st.n_q += t_len * g
+        st.num_sequences += 1
+        st.max_seq_len = max(st.max_seq_len, t_len)
+        self._check_finite(layer, st)
+
+    def add_pass2(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Accumulate the sst surrogate for one sequence: k/v [T, Hkv, D].
+
+        Uses the final C_h of pass 1, so all pass-1 data must have been added before.
+        """
+        geo = self.geometry
+        self._check(layer, "k", k, geo.num_kv_heads)
+        self._check(layer, "v", v, geo.num_kv_heads)
+        if layer not in self.layers:
+            raise OscarError(f"layer {layer} got pass-2 data but no pass-1 data; run pass 1 first")
+        self._pass2_started = True
+        st = self.layers[layer]
+        if layer not in self._cov:
+            self._cov[layer] = st.group_query_cov()
+        k64 = k.to(st.device, torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
+        v64 = v.to(st.device, torch.float64).permute(1, 0, 2)
+        w = ((k64 @ self._cov[layer]) * k64).sum(dim=-1)  # [Hkv, T]
+        st.wvv += _weighted_vv(v64, w)
+        st.w_sum += w.sum(dim=1)
+        st.n_pass2 += k.shape[0]
+        self._check_finite(layer, st)
+
+    @staticmethod
+    def _check_finite(layer: int, st: LayerStats) -> None:
+        sums = torch.stack([st.qq.sum(), st.kk.sum(), st.vv.sum(), st.wvv.sum(), st.svv.sum()])
+        if not bool(torch.isfinite(sums).all()):
+            raise OscarError(f"layer {layer}: statistics overflowed to NaN/Inf; check the "
+                             f"captured activations of this layer")
+
+    def finalize(self) -> dict:
+        """Return the design.md statistics dict (CPU fp64). Both passes must be complete."""
+        geo = self.geometry
+        missing = [i for i in range(geo.num_layers) if i not in self.layers]
+        if missing:
+            raise OscarError(f"no calibration data for layers {missing}; capture every layer")
+        for i, st in self.layers.items():
+            if st.n_pass2 != st.n:
+                raise OscarError(f"layer {i}: pass 2 saw {st.n_pass2} tokens but pass 1 saw "
+                                 f"{st.n}; run pass 2 over exactly the pass-1 sequences")
+        first = self.layers[0]
+        return {"format": STATS_FORMAT, "version": STATS_VERSION, "model": geo.to_dict(),
+                "num_tokens": int(first.n), "num_sequences": int(first.num_sequences),
+                "seq_len": int(first.max_seq_len), "token_source": str(self.token_source),
+                "layers": {i: self.layers[i].to_dict() for i in range(geo.num_layers)}}
+
+    def save(self, out_dir: str | os.PathLike, holdout: dict | None = None) -> Path:
+        """finalize() and write stats.pt (+ holdout.pt) atomically; returns the directory."""
+        return save_stats(out_dir, self.finalize(), holdout)
+
+
+def save_stats(out_dir: str | os.PathLike, stats: dict, holdout: dict | None = None) -> Path:
+    """Write ``stats.pt`` (and ``holdout.pt`` if given) into out_dir atomically.
+
+    Files are written into a temporary sibling directory first; a new out_dir is created by
+    one rename, an existing one gets each file by ``os.replace`` (other files are kept).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        torch.save(stats, tmp / STATS_FILE)
+        if holdout is not None:
+            torch.save(holdout, tmp / HOLDOUT_FILE)
+        if not out.exists():
+            os.rename(tmp, out)
+            return out
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_stats(stats_dir: str | os.PathLike) -> dict:
+    """Load ``STATS_DIR/stats.pt`` (weights_only) and check its format tag."""
+    path = Path(stats_dir) / STATS_FILE
+    if not path.is_file():
+        raise OscarError(f"no calibration statistics at {path}; run `python -m oscar_kv "
+                         f"calibrate` first")
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        raise OscarError(f"{path} is not an oscar-kv statistics file; re-run `python -m "
+                         f"oscar_kv calibrate`")
+    if stats.get("version") != STATS_VERSION:
+        raise OscarError(f"{path} has statistics version {stats.get('version')}, expected "
+                         f"{STATS_VERSION}; re-run `python -m oscar_kv calibrate`")
+    return stats
+
+
+def load_holdout(stats_dir: str | os.PathLike) -> dict:
+    """Load ``STATS_DIR/holdout.pt``: {"q"|"k"|"v": {layer: bf16 [S_h, T, heads, D]}}."""
+    path = Path(stats_dir) / HOLDOUT_FILE
+    if not path.is_file():
+        raise OscarError(f"no held-out calibration data at {path}; run `python -m oscar_kv "
+                         f"calibrate` with at least one holdout sequence")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class HoldoutCollector:
+    """Raw held-out q/k/v per layer, stored bf16 on CPU for the clip search.
+
+    ``add`` takes one sequence (q [T, Hq, D], k/v [T, Hkv, D]); ``to_dict`` stacks them to
+    {"q": {l: bf16 [S_h, T, Hq, D]}, "k": {l: bf16 [S_h, T, Hkv, D]}, "v": {...}}.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[int, list[torch.Tensor]]] = {"q": {}, "k": {}, "v": {}}
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(x).all()):
+                raise OscarError(f"layer {layer}: held-out {name} contains NaN or Inf; check "
+                                 f"the model weights or run in float32")
+            self.parts[name].setdefault(layer, []).append(x.detach().to("cpu", torch.bfloat16))
+
+    def __len__(self) -> int:
+        return len(self.parts["q"].get(0, []))
+
+    def to_dict(self) -> dict:
+        out: dict[str, dict[int, torch.Tensor]] = {}
+        for name, per_layer in self.parts.items():
+            out[name] = {}
+            for layer, xs in sorted(per_layer.items()):
+                if len({x.shape for x in xs}) != 1:
+                    raise OscarError(f"held-out sequences of layer {layer} differ in length; "
+                                     f"use equal-length holdout sequences")
+                out[name][layer] = torch.stack(xs).contiguous()
+        return out
