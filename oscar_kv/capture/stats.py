@@ -114,8 +114,9 @@ def _weighted_vv(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class StatsAccumulator:
     """Streaming per-layer statistics for one model (see the module docstring).
 
-    Usage: ``add_pass1`` over every calibration sequence and layer, then ``add_pass2`` over the
-    same sequences, then ``finalize()`` or ``save(dir)``. Inputs may live on any device; the
+    Usage: ``add_pass1`` over every calibration sequence of a layer, then ``add_pass2`` over the
+    same sequences (per layer: pass 2 of layer l may start before pass 1 of layer l+1), then
+    ``finalize()`` or ``save(dir)``. Inputs may live on any device; the
     accumulators live on ``device`` (default: that of the first input).
     """
 
@@ -125,7 +126,6 @@ class StatsAccumulator:
         self.token_source = token_source
         self.device = device
         self.layers: dict[int, LayerStats] = {}
-        self._pass2_started = False
         self._cov: dict[int, torch.Tensor] = {}
 
     def _layer(self, layer: int, like: torch.Tensor) -> LayerStats:
@@ -149,8 +149,9 @@ class StatsAccumulator:
 
     def add_pass1(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Accumulate one sequence: q [T, Hq, D], k/v [T, Hkv, D] (post-RoPE q/k, raw v)."""
-        if self._pass2_started:
-            raise OscarError("pass 1 data arrived after pass 2 started; run all of pass 1 first")
+        if layer in self._cov:
+            raise OscarError(f"layer {layer}: pass-1 data arrived after pass 2 started; run all "
+                             f"of pass 1 first")
         geo = self.geometry
         self._check(layer, "q", q, geo.num_q_heads)
         self._check(layer, "k", k, geo.num_kv_heads)
@@ -189,7 +190,6 @@ class StatsAccumulator:
         self._check(layer, "v", v, geo.num_kv_heads)
         if layer not in self.layers:
             raise OscarError(f"layer {layer} got pass-2 data but no pass-1 data; run pass 1 first")
-        self._pass2_started = True
         st = self.layers[layer]
         if layer not in self._cov:
             self._cov[layer] = st.group_query_cov()
