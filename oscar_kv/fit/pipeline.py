@@ -1,0 +1,160 @@
+"""Phase 2 driver: statistics -> per-layer R_K, R_V (+ clip ratios) -> checkpoint files.
+
+Reads STATS_DIR/stats.pt (and holdout.pt for the clip search), fits the K and V targets with
+the method's estimators and the composition, picks clip ratios (fitted on the holdout, fixed,
+or off) and writes `{k|v}_rotation_*.pt` plus `fit_report.json` into OUT_DIR atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from oscar_kv.config import ModelGeometry, QuantSpec, WindowSpec
+from oscar_kv.errors import OscarError
+from oscar_kv.fit.checkpoint import (
+    build_checkpoint,
+    objective_name,
+    rotation_filename,
+    write_files_atomic,
+)
+from oscar_kv.fit.clip_search import check_grid, search_clip_ratios
+from oscar_kv.fit.compose import (
+    COMPOSITIONS,
+    DEFAULT_COMPOSITION,
+    fit_rotation,
+    fixed_rotation,
+    orthogonality_error,
+)
+from oscar_kv.fit.estimators import ESTIMATORS, layer_covariance, parse_method
+
+CALIBRATE_HINT = "run `python -m oscar_kv calibrate --model MODEL --out STATS_DIR` first"
+REPORT_NAME = "fit_report.json"
+
+
+def _load(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise OscarError(f"{what} {path} does not exist; {CALIBRATE_HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: say which one
+        raise OscarError(f"{what} {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"{CALIBRATE_HINT}") from None
+    if not isinstance(obj, dict):
+        raise OscarError(f"{what} {path} is not a dict; {CALIBRATE_HINT}")
+    return obj
+
+
+def load_stats(stats_dir: str | Path) -> tuple[dict, ModelGeometry, dict[int, dict]]:
+    """STATS_DIR/stats.pt -> (raw dict, model geometry, {layer id: layer sums}) validated."""
+    stats = _load(Path(stats_dir) / "stats.pt", "statistics file")
+    ok = stats.get("format", "oscar-kv-stats") == "oscar-kv-stats" and all(
+        isinstance(stats.get(key), dict) for key in ("layers", "model"))
+    if not ok:
+        raise OscarError(f"{stats_dir}/stats.pt is not an oscar-kv statistics file; "
+                         f"{CALIBRATE_HINT}")
+    geom = ModelGeometry.from_dict(stats["model"])
+    layers = {int(k): v for k, v in stats["layers"].items()}
+    if sorted(layers) != list(range(geom.num_layers)):
+        raise OscarError(f"{stats_dir}/stats.pt holds layers {sorted(layers)[:4]}... but the "
+                         f"model has {geom.num_layers}; {CALIBRATE_HINT}")
+    return stats, geom, layers
+
+
+def load_holdout(stats_dir: str | Path) -> dict:
+    """STATS_DIR/holdout.pt -> {"q"|"k"|"v": {layer: bf16 [S, T, H, D]}}."""
+    return _load(Path(stats_dir) / "holdout.pt", "holdout file")
+
+
+def fit_target(layers: dict[int, dict], estimator: str, composition: str, head_dim: int
+               ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """-> rotations fp32 [L, D, D], eigenvalues fp32 [L, D], per-layer max|RR^T - I|."""
+    est = ESTIMATORS.get(estimator)
+    rots, evs = [], []
+    for lid in sorted(layers):
+        if est.fixed_rotation is not None:
+            r, ev = fixed_rotation(est.fixed_rotation(head_dim))
+        else:
+            r, ev = fit_rotation(layer_covariance(lid, layers[lid], estimator), composition)
+        if r.shape[-1] != head_dim:
+            raise OscarError(f"layer {lid} statistics have head_dim {r.shape[-1]} but the model "
+                             f"header says {head_dim}; {CALIBRATE_HINT}")
+        rots.append(r)
+        evs.append(ev)
+    rot = torch.stack(rots)
+    return rot, torch.stack(evs), [orthogonality_error(r) for r in rot]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt_sst",
+                  composition: str = DEFAULT_COMPOSITION, fit_clip: bool = True,
+                  clip_grid: Sequence[float] | None = None, quant: QuantSpec = QuantSpec(),
+                  window: WindowSpec = WindowSpec(),
+                  fixed_clip: tuple[float, float] | None = None,
+                  k_objective: str = "attn_kl", v_objective: str = "out_mse",
+                  device: str | torch.device | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Fit R_K, R_V (+ clips) from STATS_DIR and write them to OUT_DIR; returns the summary.
+
+    Clip ratios: `fixed_clip=(k, v)` applies those to every layer (and skips the search);
+    otherwise `fit_clip` searches them on holdout.pt; otherwise 1.0 (off)."""
+    k_est, v_est = parse_method(method)
+    COMPOSITIONS.get(composition)
+    stats, geom, layers = load_stats(stats_dir)
+    d = geom.head_dim
+    say = log or (lambda msg: None)
+    fitted = {}
+    for target, est in (("k", k_est), ("v", v_est)):
+        fitted[target] = fit_target(layers, est, composition, d)
+        say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
+            f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
+    report = None
+    if fixed_clip is not None:
+        clip_k, clip_v = ([float(c)] * geom.num_layers for c in fixed_clip)
+        clip_source = "fixed"
+    elif fit_clip:
+        quant.groups(d)
+        holdout = load_holdout(stats_dir)
+        report = search_clip_ratios(holdout, fitted["k"][0], fitted["v"][0], quant, window,
+                                    check_grid(clip_grid), k_objective, v_objective,
+                                    device=device or _default_device(), progress=say)
+        clip_k, clip_v, clip_source = report.clip_k, report.clip_v, "fitted"
+        say(report.format())
+    else:
+        clip_k, clip_v = [1.0] * geom.num_layers, [1.0] * geom.num_layers
+        clip_source = "off"
+    calibration = {k: stats.get(k) for k in ("num_tokens", "num_sequences", "seq_len",
+                                             "token_source")}
+    calibration["stats_dir"] = str(stats_dir)
+    clip_meta = {"source": clip_source, "k_objective": k_objective if report else None,
+                 "v_objective": v_objective if report else None}
+    files: dict[str, dict | str] = {}
+    names = {}
+    for target, est, clips in (("k", k_est, clip_k), ("v", v_est, clip_v)):
+        rot, ev, _ = fitted[target]
+        meta = {"target": target, "estimator": est, "composition": composition,
+                "method": method, "quant": quant.to_dict(), "window": window.to_dict(),
+                "model": geom.to_dict(), "calibration": calibration, "clip": clip_meta}
+        names[target] = rotation_filename(target, est, composition)
+        files[names[target]] = build_checkpoint(rot, ev, objective_name(est, composition),
+                                                clips, meta)
+    out = Path(out_dir)
+    summary = {"out_dir": str(out), "method": method, "composition": composition,
+               "k_estimator": k_est, "v_estimator": v_est,
+               "files": {"k": str(out / names["k"]), "v": str(out / names["v"]),
+                         "report": str(out / REPORT_NAME)},
+               "model": geom.to_dict(), "quant": quant.to_dict(), "window": window.to_dict(),
+               "orthogonality_error": {t: fitted[t][2] for t in ("k", "v")},
+               "clip_source": clip_source, "clip_k": clip_k, "clip_v": clip_v,
+               "clip_search": report.to_dict() if report else None,
+               "calibration": calibration}
+    files[REPORT_NAME] = json.dumps(summary, indent=1)
+    write_files_atomic(out, files)
+    say(f"wrote {names['k']}, {names['v']} and {REPORT_NAME} to {out}")
+    return summary
