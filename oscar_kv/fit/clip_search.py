@@ -190,10 +190,17 @@ def search_clip_ratios(holdout: dict, r_k: torch.Tensor, r_v: torch.Tensor,
     grid = check_grid(grid)
     K_CLIP_OBJECTIVES.get(k_objective)  # fail on a bad name before any work
     V_CLIP_OBJECTIVES.get(v_objective)
-    layers = []
-    for layer in range(r_k.shape[0]):
+    quant.groups(r_k.shape[-1])
+    if r_k.shape != r_v.shape or r_k.ndim != 3:
+        raise OscarError(f"R_K {tuple(r_k.shape)} and R_V {tuple(r_v.shape)} must both be "
+                         "[L, D, D]; pass rotations of one fit")
+    tensors = []
+    for layer in range(r_k.shape[0]):  # validate everything before the first search
         q, k, v = (_layer_tensor(holdout, n, layer) for n in ("q", "k", "v"))
         check_holdout_layer(q, k, v, r_k.shape[-1], layer)
+        tensors.append((q, k, v))
+    layers = []
+    for layer, (q, k, v) in enumerate(tensors):
         lc = search_layer_clip(q, k, v, r_k[layer], r_v[layer], quant, window, grid,
                                k_objective, v_objective, layer=layer, device=device)
         layers.append(lc)
