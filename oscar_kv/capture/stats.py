@@ -137,15 +137,19 @@ class StatsAccumulator:
             self.layers[layer] = LayerStats(self.geometry.num_kv_heads, self.geometry.head_dim, dev)
         return self.layers[layer]
 
-    def _check(self, layer: int, name: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+    def _check_shape(self, layer: int, name: str, x: torch.Tensor, heads: int) -> None:
         d = self.geometry.head_dim
         if x.ndim != 3 or x.shape[1] != heads or x.shape[2] != d:
             raise OscarError(f"layer {layer}: {name} has shape {tuple(x.shape)}, expected "
                              f"[tokens, {heads}, {d}]; check the model geometry")
-        if not bool(torch.isfinite(x).all()):
-            raise OscarError(f"layer {layer}: captured {name} contains NaN or Inf; run the "
-                             f"calibration in float32 or check the model weights")
-        return x
+
+    @staticmethod
+    def _check_finite(layer: int, what: str, parts: list[torch.Tensor]) -> None:
+        """Every NaN/Inf input reaches a sum of squares, so checking the batch's increments
+        (one reduction each) catches them without scanning the raw activations."""
+        if not bool(torch.isfinite(torch.stack([p.sum() for p in parts])).all()):
+            raise OscarError(f"layer {layer}: captured {what} contain NaN or Inf; check the "
+                             f"model weights or run the calibration in float32")
 
     def add_pass1(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Accumulate one sequence: q [T, Hq, D], k/v [T, Hkv, D] (post-RoPE q/k, raw v)."""
@@ -153,9 +157,9 @@ class StatsAccumulator:
             raise OscarError(f"layer {layer}: pass-1 data arrived after pass 2 started; run all "
                              f"of pass 1 first")
         geo = self.geometry
-        self._check(layer, "q", q, geo.num_q_heads)
-        self._check(layer, "k", k, geo.num_kv_heads)
-        self._check(layer, "v", v, geo.num_kv_heads)
+        self._check_shape(layer, "q", q, geo.num_q_heads)
+        self._check_shape(layer, "k", k, geo.num_kv_heads)
+        self._check_shape(layer, "v", v, geo.num_kv_heads)
         t_len = q.shape[0]
         if k.shape[0] != t_len or v.shape[0] != t_len:
             raise OscarError(f"layer {layer}: q, k, v token counts differ "
@@ -169,25 +173,24 @@ class StatsAccumulator:
         v64 = v.to(dev, torch.float64).permute(1, 0, 2)
         qg = q64.reshape(t_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t_len * g, d)
         s = softmax_key_weights(q64, k64.permute(1, 0, 2))
-        st.qq += qg.transpose(1, 2) @ qg
-        st.kk += k64.transpose(1, 2) @ k64
-        st.vv += v64.transpose(1, 2) @ v64
-        st.svv += _weighted_vv(v64, s)
-        st.s_sum += s.sum(dim=1)
+        inc = [qg.transpose(1, 2) @ qg, k64.transpose(1, 2) @ k64, v64.transpose(1, 2) @ v64,
+               _weighted_vv(v64, s), s.sum(dim=1)]
+        self._check_finite(layer, "q/k/v", inc)
+        for acc, x in zip((st.qq, st.kk, st.vv, st.svv, st.s_sum), inc, strict=True):
+            acc += x
         st.n += t_len
         st.n_q += t_len * g
         st.num_sequences += 1
         st.max_seq_len = max(st.max_seq_len, t_len)
-        self._check_finite(layer, st)
 
     def add_pass2(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Accumulate the sst surrogate for one sequence: k/v [T, Hkv, D].
 
-        Uses the final C_h of pass 1, so all pass-1 data must have been added before.
+        Uses the final C_h of pass 1, so all pass-1 data of this layer must come first.
         """
         geo = self.geometry
-        self._check(layer, "k", k, geo.num_kv_heads)
-        self._check(layer, "v", v, geo.num_kv_heads)
+        self._check_shape(layer, "k", k, geo.num_kv_heads)
+        self._check_shape(layer, "v", v, geo.num_kv_heads)
         if layer not in self.layers:
             raise OscarError(f"layer {layer} got pass-2 data but no pass-1 data; run pass 1 first")
         st = self.layers[layer]
@@ -196,17 +199,11 @@ class StatsAccumulator:
         k64 = k.to(st.device, torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
         v64 = v.to(st.device, torch.float64).permute(1, 0, 2)
         w = ((k64 @ self._cov[layer]) * k64).sum(dim=-1)  # [Hkv, T]
-        st.wvv += _weighted_vv(v64, w)
-        st.w_sum += w.sum(dim=1)
+        inc = [_weighted_vv(v64, w), w.sum(dim=1), (v64 * v64).sum(dim=1)]
+        self._check_finite(layer, "k/v", inc)
+        st.wvv += inc[0]
+        st.w_sum += inc[1]
         st.n_pass2 += k.shape[0]
-        self._check_finite(layer, st)
-
-    @staticmethod
-    def _check_finite(layer: int, st: LayerStats) -> None:
-        sums = torch.stack([st.qq.sum(), st.kk.sum(), st.vv.sum(), st.wvv.sum(), st.svv.sum()])
-        if not bool(torch.isfinite(sums).all()):
-            raise OscarError(f"layer {layer}: statistics overflowed to NaN/Inf; check the "
-                             f"captured activations of this layer")
 
     def finalize(self) -> dict:
         """Return the design.md statistics dict (CPU fp64). Both passes must be complete."""

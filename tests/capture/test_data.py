@@ -99,7 +99,7 @@ def test_gpqa_prompts_template_and_seeded_permutation(tmp_path) -> None:
     prompts = gpqa_prompts(rows)
     assert prompts == gpqa_prompts(rows)
     assert prompts[0].startswith("Answer the following multiple choice question.")
-    assert "\n\nQ0?\n\nA) " in prompts[0] and prompts[0].count("\n") == 8
+    assert "\n\nQ0?\n\nA) " in prompts[0] and prompts[0].count("\n") == 7
     assert all(f"right{i}" in p for i, p in enumerate(prompts))  # CSV order kept
     import random
 
