@@ -59,7 +59,7 @@ def attn_kl(block: KBlock, delta: torch.Tensor) -> Pair:
     # p == 0 exactly on masked keys, where logp - logq is -inf - -inf = nan.
     kl = torch.where(p > 0, p * (block.logp - logq), 0.0).sum(dim=-1)  # [g, Tc]
     kl = kl[:, block.rows]
-    return kl.double().sum(), torch.tensor(float(kl.numel()), dtype=torch.float64)
+    return kl.double().sum(), kl.new_full((), kl.numel(), dtype=torch.float64)
 
 
 @K_CLIP_OBJECTIVES.register("logit_mse")

@@ -171,3 +171,17 @@ def test_report_over_layers_and_validation():
         search_clip_ratios(bad, rots, rots, QuantSpec(group_size=16))
     with pytest.raises(OscarError, match="non-empty list of positive ratios"):
         search_clip_ratios(hold, rots, rots, QuantSpec(group_size=16), grid=[])
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 300, h, 128, generator=gen).bfloat16() for h in (8, 2, 2))
+    rk, rv = _orth(128, 3), _orth(128, 4)
+    win = WindowSpec(16, 32, 8)
+    a = search_layer_clip(q, k, v, rk, rv, QuantSpec(), win, device="cpu")
+    b = search_layer_clip(q, k, v, rk, rv, QuantSpec(), win, device="cuda")
+    # fp32 attention on different backends: a few fp32 ulp of relative error in the sums.
+    assert a.k_curve == pytest.approx(b.k_curve, rel=1e-5)
+    assert a.v_curve == pytest.approx(b.v_curve, rel=1e-5)
+    assert (a.k_ratio, a.v_ratio) == (b.k_ratio, b.v_ratio)
