@@ -88,6 +88,13 @@ def fit_target(layers: dict[int, dict], estimator: str, composition: str, head_d
     return rot, torch.stack(evs), [orthogonality_error(r) for r in rot]
 
 
+def _plain(x: object) -> object:
+    """A stats header value as a JSON/weights_only-safe scalar."""
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return x if x is None or isinstance(x, (int, float, str, bool)) else str(x)
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -129,8 +136,8 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
     else:
         clip_k, clip_v = [1.0] * geom.num_layers, [1.0] * geom.num_layers
         clip_source = "off"
-    calibration = {k: stats.get(k) for k in ("num_tokens", "num_sequences", "seq_len",
-                                             "token_source")}
+    calibration = {k: _plain(stats.get(k)) for k in ("num_tokens", "num_sequences", "seq_len",
+                                                     "token_source")}
     calibration["stats_dir"] = str(stats_dir)
     clip_meta = {"source": clip_source, "k_objective": k_objective if report else None,
                  "v_objective": v_objective if report else None}
@@ -138,7 +145,9 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
     names = {}
     for target, est, clips in (("k", k_est, clip_k), ("v", v_est, clip_v)):
         rot, ev, _ = fitted[target]
-        meta = {"target": target, "estimator": est, "composition": composition,
+        data_free = ESTIMATORS.get(est).data_free
+        meta = {"target": target, "estimator": est,
+                "composition": None if data_free else composition,
                 "method": method, "quant": quant.to_dict(), "window": window.to_dict(),
                 "model": geom.to_dict(), "calibration": calibration, "clip": clip_meta}
         names[target] = rotation_filename(target, est, composition)
