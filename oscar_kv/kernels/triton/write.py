@@ -85,7 +85,8 @@ def _write_int2_kernel(
 
     if CLIP_INDEX >= 0:
         tau = _kth_smallest_abs(x, CLIP_INDEX, BLOCK_T)[:, None]
-        x = tl.maximum(tl.minimum(x, tau), -tau)
+        # IEEE negation (Triton's -t is 0 - t, which maps +0 to +0, not -0 as torch does)
+        x = tl.maximum(tl.minimum(x, tau), tau * -1.0)
 
     xg = tl.reshape(x, [BLOCK_T, NG, GROUP])
     mn = tl.min(xg, axis=2)
@@ -93,7 +94,7 @@ def _write_int2_kernel(
     amax = tl.maximum(tl.abs(mn), tl.abs(mx))
     rng = tl.maximum(tl.maximum(mx - mn, amax * RANGE_FLOOR), EPS)
     scale = _round_meta(tl.math.div_rn(rng, tl.full(rng.shape, 3.0, tl.float32)), META)
-    zero = _round_meta(tl.math.div_rn(-mn, scale), META)
+    zero = _round_meta(tl.math.div_rn(mn * -1.0, scale), META)  # -0.0 when mn is +0.0
 
     t = tl.math.div_rn(xg, tl.broadcast_to(scale[:, :, None], xg.shape)) + zero[:, :, None]
     t = t + 0.5

@@ -1,0 +1,136 @@
+"""Split-K decode kernel vs `ref.decode_attention_ref` (Triton interpreter on CPU).
+
+Tolerance: a small multiple of the reference's own error at bf16 compute precision
+(measured per case against the fp64 reference), never a fixed atol.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import make_decode_case, max_err, reference_outputs
+
+from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.errors import OscarError
+from oscar_kv.kernels import decode_attention, plan_decode
+
+WIN = WindowSpec(sink_tokens=16, recent_tokens=32, flush_block=8)
+P, R = WIN.sink_tokens, WIN.recent_tokens
+# the interpreter converts 1-element arrays to ints for `range(start, end, BLOCK_N)`
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+
+def _plan(case, out_dtype=torch.float32, **kw):
+    b, hq, d = case.q.shape
+    kw = {"block_n": 16, "hp_block_n": 16, "int2_splits": 2, "hp_splits": 1} | kw
+    return plan_decode(b, hq, case.k_bf16.shape[1], d, device=case.q.device,
+                       max_body_len=case.tables.int2_slots.shape[1],
+                       max_hp_len=case.tables.bf16_slots.shape[1], out_dtype=out_dtype, **kw)
+
+
+def _check(case, out, q_rotation=None, factor=2.0):
+    refs = reference_outputs(case, q_rotation)
+    assert not torch.isnan(out).any()
+    own_bf16 = max_err(refs["bf16"], refs["fp64"])
+    err = max_err(out.cpu(), refs["fp64"])
+    assert err <= factor * own_bf16, f"kernel error {err:.3g} vs bf16 reference {own_bf16:.3g}"
+    if out.dtype == torch.float32 and not out.is_cuda:  # interpreter: fp32 all the way
+        own_fp32 = max_err(refs["fp32"], refs["fp64"])
+        assert err <= 20 * own_fp32 + 1e-6, f"fp32 error {err:.3g} vs {own_fp32:.3g}"
+    return err
+
+
+def test_awkward_lengths_in_one_batch(triton_device):
+    """1, P-1, P, P+R-1, P+R, P+R+1, P+R+F+3 and a long non-multiple of the block."""
+    lens = [1, P - 1, P, P + R - 1, P + R, P + R + 1, P + R + 11, 117]
+    case = make_decode_case(lens, num_kv_heads=1, gqa=4, head_dim=64, window=WIN,
+                            device=triton_device)
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=_plan(case, int2_splits=3), backend="triton")
+    _check(case, out)
+
+
+@pytest.mark.parametrize(("gqa", "d"), [(1, 64), (2, 128), (4, 64), (6, 64), (8, 128),
+                                        (12, 64), (16, 64)])
+def test_gqa_ratios_and_head_dims(triton_device, gqa, d):
+    """Two KV heads so that a wrong query-head -> KV-head mapping shows up."""
+    case = make_decode_case([P + R + 21, 9], num_kv_heads=2, gqa=gqa, head_dim=d, window=WIN,
+                            seed=gqa, device=triton_device)
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=_plan(case, block_n=32, hp_block_n=32),
+                           backend="triton")
+    _check(case, out)
+
+
+@pytest.mark.parametrize(("group", "meta"), [(32, "bfloat16"), (128, "float16"),
+                                             (64, "float32")])
+def test_group_sizes_and_metadata_dtypes(triton_device, group, meta):
+    case = make_decode_case([P + R + 40], num_kv_heads=1, gqa=2, head_dim=128, window=WIN,
+                            spec=QuantSpec(group_size=group, scale_dtype=meta),
+                            device=triton_device)
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=_plan(case, block_n=32, hp_block_n=32),
+                           backend="triton")
+    _check(case, out)
+
+
+def test_bf16_output_rotation_and_plan_reuse(triton_device):
+    """q rotated inside the call; one plan serves two 'layers' without reallocating."""
+    case = make_decode_case([P + R + 5, 3], num_kv_heads=1, gqa=2, head_dim=64, window=WIN,
+                            device=triton_device)
+    rot, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))
+    rot = rot.float().to(triton_device)
+    plan = _plan(case, out_dtype=torch.bfloat16, block_n=32, hp_block_n=32)
+    ptrs = (plan.out.data_ptr(), plan.mid_o.data_ptr(), plan.q_rot.data_ptr())
+    for layer in range(2):
+        c = case if layer == 0 else make_decode_case(
+            [P + R + 5, 3], num_kv_heads=1, gqa=2, head_dim=64, window=WIN, seed=9,
+            device=triton_device)
+        out = decode_attention(c.q, c.k_int2, c.v_int2, c.k_bf16, c.v_bf16, c.tables,
+                               plan=plan, q_rotation=rot, backend="triton")
+        assert out.dtype == torch.bfloat16 and out.data_ptr() == ptrs[0]
+        _check(c, out, q_rotation=rot)
+    assert (plan.out.data_ptr(), plan.mid_o.data_ptr(), plan.q_rot.data_ptr()) == ptrs
+
+
+def test_empty_sequence_and_bf16_only(triton_device):
+    """A sequence with no keys gives zeros; a cache shorter than P has no INT2 at all."""
+    case = make_decode_case([0, P - 3], num_kv_heads=1, gqa=2, head_dim=64, window=WIN,
+                            max_len=P, device=triton_device)
+    assert case.tables.int2_slots.shape[1] == 0
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=_plan(case), backend="triton")
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    _check(case, out)
+
+
+def test_plan_mismatch_is_clear(triton_device):
+    case = make_decode_case([5], num_kv_heads=1, gqa=2, head_dim=64, window=WIN,
+                            device=triton_device)
+    plan = plan_decode(2, 2, 1, 64, max_body_len=1, max_hp_len=8, device=triton_device)
+    with pytest.raises(OscarError, match="make a new plan"):
+        decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                         case.tables, plan=plan, backend="triton")
+
+
+def test_plan_split_heuristic():
+    p = plan_decode(1, 32, 8, 128, max_body_len=131072, max_hp_len=327, device="cpu",
+                    num_sms=132)
+    assert p.int2_splits == 33 and p.block_h == 16 and 1 <= p.hp_splits <= 3
+    p = plan_decode(32, 32, 8, 128, max_body_len=4096, max_hp_len=327, device="cpu",
+                    num_sms=132)
+    assert p.int2_splits == 2 and p.hp_splits <= 2
+    assert plan_decode(1, 8, 8, 64, max_body_len=0, max_hp_len=10, device="cpu").int2_splits == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gqa", [1, 2, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_sweep(gqa, d):
+    win = WindowSpec()
+    lens = [1, 63, 64, 319, 320, 321, 1000, 4099, 8192]
+    case = make_decode_case(lens, num_kv_heads=2, gqa=gqa, head_dim=d, window=win,
+                            device="cuda")
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables)
+    _check(case, out.float())
