@@ -174,3 +174,16 @@ def test_stats_module_does_not_import_transformers() -> None:
     code = ("import sys, oscar_kv.capture.stats, oscar_kv.capture.rawdump; "
             "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("block_elems", [1, 8 * 40 * 3])
+def test_softmax_weights_independent_of_query_blocking(monkeypatch, block_elems: int) -> None:
+    import oscar_kv.capture.stats as stats_mod
+
+    geo = ModelGeometry(num_layers=1, num_q_heads=8, num_kv_heads=2, head_dim=16)
+    seqs = random_sequences(geo, [40, 13], seed=3)
+    whole = run_accumulator(geo, seqs)["layers"][0]
+    monkeypatch.setattr(stats_mod, "_SCORE_BLOCK_ELEMS", block_elems)
+    blocked = run_accumulator(geo, seqs)["layers"][0]
+    for name in ("svv", "s_sum"):
+        assert rel_err(blocked[name], whole[name]) < 1e-12
