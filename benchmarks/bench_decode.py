@@ -1,0 +1,255 @@
+"""Decode attention over the mixed INT2/BF16 cache vs BF16 baselines measured in the same run.
+
+For each (batch, context) it times, under CUDA graphs with triton.testing.do_bench (median,
+L2 flushed between calls):
+  int2        our split-K decode: INT2 body (dequantized in registers) + BF16 sink/recent
+  bf16_triton the same kernel design over a fully BF16 cache (all tokens in the BF16 tier)
+  sdpa        torch scaled_dot_product_attention (enable_gqa) over the same BF16 cache
+and prints time, bytes read, GB/s, % of peak (4.8 TB/s for the H200) and speedups.
+Results go to benchmarks/results/bench_decode-<gpu>-<date>.json with the environment.
+
+    python benchmarks/bench_decode.py                       # Qwen3-8B geometry, 4K..128K, B 1/8/32
+    python benchmarks/bench_decode.py --smoke               # CPU, tiny shapes, Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # CPU through the interpreter; must precede any Triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from oscar_kv.config import QuantSpec, WindowSpec  # noqa: E402
+from oscar_kv.kernels import (  # noqa: E402
+    Int2Store,
+    KVTables,
+    contiguous_token_slots,
+    decode_attention,
+    decode_attention_ref,
+    plan_decode,
+    tables_from_token_slots,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(device: str) -> dict:
+    """GPU name, versions and date for the JSON record."""
+    import triton
+
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda, "host": platform.node(),
+           "device": "cpu (Triton interpreter)"}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env |= {"device": p.name, "sm_count": p.multi_processor_count,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}"}
+    return env
+
+
+def bench(fn, device: str, graph: bool, reps: int) -> float:
+    """Median milliseconds per call of fn (CUDA graph replay on a GPU)."""
+    fn()
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
+    import triton
+
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+def make_cache(batch: int, ctx: int, hkv: int, d: int, spec: QuantSpec, window: WindowSpec,
+               device: str, gen: torch.Generator):
+    """Random INT2 + BF16 stores for `batch` sequences of `ctx` tokens (slot = b*ctx + pos),
+    the mixed tables, and tables that put every token in the BF16 tier (the baseline)."""
+    s = batch * ctx
+    groups = d // spec.group_size
+    mdt = spec.torch_scale_dtype
+
+    def int2_store() -> Int2Store:
+        packed = torch.randint(0, 256, (s, hkv, d // 4), dtype=torch.uint8, device=device,
+                               generator=gen)
+        scale = (torch.rand(s, hkv, groups, device=device, generator=gen) * 0.5 + 0.1).to(mdt)
+        zero = (torch.rand(s, hkv, groups, device=device, generator=gen) * 3.0).to(mdt)
+        return Int2Store(packed, scale, zero, spec)
+
+    k_int2, v_int2 = int2_store(), int2_store()
+    k_bf16 = torch.randn(s, hkv, d, device=device, generator=gen, dtype=torch.bfloat16)
+    v_bf16 = torch.randn(s, hkv, d, device=device, generator=gen, dtype=torch.bfloat16)
+    tok = contiguous_token_slots(batch, ctx, device=device)
+    lens = torch.full((batch,), ctx, device=device)
+    mixed = tables_from_token_slots(tok, tok, lens, window)
+    empty = tok[:, :0].contiguous()
+    all_bf16 = KVTables(empty, torch.zeros_like(mixed.body_len), tok.contiguous(),
+                        lens.to(torch.int32))
+    return k_int2, v_int2, k_bf16, v_bf16, mixed, all_bf16
+
+
+def bytes_mixed(batch: int, tables_body: int, tables_hp: int, hq: int, hkv: int, d: int,
+                spec: QuantSpec, slot_bytes: int) -> int:
+    """Fewest bytes a mixed decode must read/write: K and V rows, slot ids, q and out."""
+    meta = 2 * (d // spec.group_size) * torch.finfo(spec.torch_scale_dtype).bits // 8
+    int2_row = d // 4 + meta
+    per_seq = 2 * hkv * (tables_body * int2_row + tables_hp * d * 2)
+    per_seq += (tables_body + tables_hp) * slot_bytes + 2 * hq * d * 2
+    return batch * per_seq
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64 (bf16 outputs land near 4e-3)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> dict:
+    hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
+    spec = QuantSpec(group_size=min(args.group_size, d), scale_dtype=args.scale_dtype)
+    window = WindowSpec(args.sink_tokens, args.recent_tokens, args.flush_block)
+    k_int2, v_int2, k_bf16, v_bf16, mixed, all_bf16 = make_cache(batch, ctx, hkv, d, spec,
+                                                                window, device, gen)
+    q = torch.randn(batch, hq, d, device=device, generator=gen, dtype=torch.bfloat16)
+    body = int(mixed.body_len[0])
+    hp = int(mixed.hp_len[0])
+    plan = plan_decode(batch, hq, hkv, d, max_body_len=mixed.int2_slots.shape[1],
+                       max_hp_len=mixed.bf16_slots.shape[1], device=device,
+                       out_dtype=torch.bfloat16, block_n=args.block_n,
+                       hp_block_n=args.hp_block_n, num_warps=args.num_warps)
+    plan_bf16 = plan_decode(batch, hq, hkv, d, max_body_len=0, max_hp_len=ctx, device=device,
+                            out_dtype=torch.bfloat16, hp_block_n=args.hp_block_n,
+                            num_warps=args.num_warps)
+    be = "triton"
+    ours = lambda: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed, plan=plan,
+                                    backend=be)
+    base = lambda: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, all_bf16,
+                                    plan=plan_bf16, backend=be)
+    # SDPA reads the same BF16 store through a [B, Hkv, L, D] view
+    kv_view = lambda t: t.view(batch, ctx, hkv, d).transpose(1, 2)
+    q4 = q[:, :, None, :]
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
+        q4, kv_view(k_bf16), kv_view(v_bf16), enable_gqa=True)
+
+    check = {}
+    if args.check and batch * ctx <= 1 << 18:  # the reference materialises fp32 K and V
+        want = decode_attention_ref(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
+                                    out_dtype=torch.float32)
+        check["int2_rel_err"] = rel_err(ours(), want)
+        check["bf16_triton_vs_sdpa_rel_err"] = rel_err(base(), sdpa()[:, :, 0])
+
+    slot_bytes = mixed.int2_slots.element_size()
+    n_ours = bytes_mixed(batch, body, hp, hq, hkv, d, spec, slot_bytes)
+    n_bf16 = bytes_mixed(batch, 0, ctx, hq, hkv, d, spec, 0)
+    res = {"batch": batch, "context": ctx, "body_tokens": body, "bf16_tokens": hp,
+           "int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits,
+           "bf16_splits": plan_bf16.hp_splits, **check}
+    for name, fn, nbytes in (("int2", ours, n_ours), ("bf16_triton", base, n_bf16),
+                             ("sdpa", sdpa, n_bf16)):
+        graph = args.graph and (name != "sdpa" or args.graph_sdpa)
+        ms = bench(fn, device, graph, args.reps)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        res[name] = {"ms": ms, "bytes": nbytes, "gb_s": gbs,
+                     "pct_peak": 100 * gbs / args.peak_gbs}
+    res["speedup_vs_bf16_triton"] = res["bf16_triton"]["ms"] / res["int2"]["ms"]
+    res["speedup_vs_sdpa"] = res["sdpa"]["ms"] / res["int2"]["ms"]
+    return res
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--context", type=int, nargs="+",
+                    default=[4096, 8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--num-q-heads", type=int, default=32)
+    ap.add_argument("--num-kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--scale-dtype", default="bfloat16")
+    ap.add_argument("--sink-tokens", type=int, default=64)
+    ap.add_argument("--recent-tokens", type=int, default=256)
+    ap.add_argument("--flush-block", type=int, default=8)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--hp-block-n", type=int, default=64)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
+    ap.add_argument("--peak-gbs", type=float, default=4800.0, help="H200 HBM3e: 4.8 TB/s")
+    ap.add_argument("--no-graph", dest="graph", action="store_false",
+                    help="time eager launches instead of CUDA graph replays")
+    ap.add_argument("--graph-sdpa", action="store_true", help="also graph-capture SDPA")
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU through the Triton interpreter (CI)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.context = [2], [45, 133]
+        args.num_q_heads, args.num_kv_heads, args.head_dim = 4, 2, 64
+        args.sink_tokens, args.recent_tokens, args.flush_block = 8, 16, 4
+        args.block_n = args.hp_block_n = 32
+        args.reps = 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("bench_decode needs a CUDA GPU; use --smoke for the CPU check")
+    gen = torch.Generator(device=device).manual_seed(0)
+    env = environment(device)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  "
+          f"Hq={args.num_q_heads} Hkv={args.num_kv_heads} D={args.head_dim}")
+    head = (f"{'B':>3} {'ctx':>7} | {'int2 ms':>8} {'GB/s':>7} {'%pk':>5} | {'bf16T ms':>8} "
+            f"{'GB/s':>7} {'%pk':>5} | {'sdpa ms':>8} | {'x bf16T':>7} {'x sdpa':>7}")
+    print(head)
+    results = []
+    for batch in args.batch:
+        for ctx in args.context:
+            r = run_case(args, batch, ctx, device, gen)
+            results.append(r)
+            a, b, s = r["int2"], r["bf16_triton"], r["sdpa"]
+            print(f"{batch:>3} {ctx:>7} | {a['ms']:>8.4f} {a['gb_s']:>7.0f} "
+                  f"{a['pct_peak']:>5.1f} | {b['ms']:>8.4f} {b['gb_s']:>7.0f} "
+                  f"{b['pct_peak']:>5.1f} | {s['ms']:>8.4f} | "
+                  f"{r['speedup_vs_bf16_triton']:>7.2f} {r['speedup_vs_sdpa']:>7.2f}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke" if args.smoke else env["device"].replace(" ", "_")
+    path = args.out / f"bench_decode-{tag}-{env['date'][:10]}.json"
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"env": env, "args": cfg, "results": results}, indent=1))
+    print(f"# wrote {path}")
+    worst = max((r.get(k, 0.0) for r in results
+                 for k in ("int2_rel_err", "bf16_triton_vs_sdpa_rel_err")), default=0.0)
+    if not math.isfinite(worst) or worst > 2e-2:  # bf16 output rounding is ~4e-3
+        raise SystemExit(f"a decode kernel disagrees with its reference (rel err {worst:.3g})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
