@@ -134,3 +134,24 @@ def test_gpu_sweep(gqa, d):
     out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                            case.tables)
     _check(case, out.float())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_follows_new_inputs():
+    """Captured once; new q values and shorter lengths in the same buffers are honoured."""
+    win = WindowSpec()
+    case = make_decode_case([5000, 700, 64], num_kv_heads=2, gqa=4, head_dim=128, window=win,
+                            device="cuda")
+    plan = _plan(case, out_dtype=torch.bfloat16, block_n=64, hp_block_n=64,
+                 int2_splits=8, hp_splits=2)
+    run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16,
+                                   case.v_bf16, case.tables, plan=plan)
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    case.q.copy_(torch.randn_like(case.q))
+    case.tables.body_len[0] -= 1000  # drop body tokens: same table buffers, new lengths
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(case, plan.out)

@@ -210,7 +210,8 @@ def _decode_merge_kernel(
                   other=float("-inf"))
     live = lse > float("-inf")
     m = tl.max(lse, axis=0)
-    w = tl.where(live, tl.exp2(tl.where(live, lse - m, 0.0)), 0.0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # all empty: keep exp2 away from -inf - -inf
+    w = tl.where(live, tl.exp2(lse - m), 0.0)
     offs_d = tl.arange(0, D)
     o = tl.load(mid_o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
                 + offs_s[:, None] * stride_os + offs_d[None, :],

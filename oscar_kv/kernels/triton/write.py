@@ -45,7 +45,7 @@ def _kth_smallest_abs(x, K: tl.constexpr, BLOCK_T: tl.constexpr):
     prefix = tl.zeros([BLOCK_T], dtype=tl.int32)
     k = tl.full([BLOCK_T], K, dtype=tl.int32)
     for i in tl.static_range(31):
-        bit: tl.constexpr = 30 - i
+        bit = 30 - i  # constexpr: static_range unrolls
         cand = (bits >> (bit + 1)) == (prefix >> (bit + 1))[:, None]
         zero_here = ((bits >> bit) & 1) == 0
         cnt0 = tl.sum((cand & zero_here).to(tl.int32), axis=1)
