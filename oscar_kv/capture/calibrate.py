@@ -70,7 +70,8 @@ def _as_batches(token_batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def calibrate(model: Any, token_batches: Sequence[torch.Tensor], out_dir: str | os.PathLike,
               holdout_seqs: torch.Tensor | None = None, progress: bool = True,
-              raw_dump_dir: str | os.PathLike | None = None, token_source: str = "") -> dict:
+              raw_dump_dir: str | os.PathLike | None = None, token_source: str = "",
+              softmax_stats: bool = True) -> dict:
     """Run both passes and write ``out_dir/stats.pt`` (+ ``holdout.pt``).
 
     model: HF causal LM of a supported family (in fp32 or its own dtype; stats are fp64).
@@ -85,7 +86,8 @@ def calibrate(model: Any, token_batches: Sequence[torch.Tensor], out_dir: str | 
     geo = geometry_from_hf_config(model.config)
     batches = _as_batches(token_batches)
     device = next(model.parameters()).device
-    acc = StatsAccumulator(geo, token_source=token_source, device=device)
+    acc = StatsAccumulator(geo, token_source=token_source, device=device,
+                           softmax_stats=softmax_stats)
     writer = RawDumpWriter(raw_dump_dir) if raw_dump_dir is not None else None
     total = sum(b.numel() for b in batches)
     timings = {}

@@ -51,6 +51,7 @@ class LayerStats:
     n_pass2: int = 0
     num_sequences: int = 0
     max_seq_len: int = 0
+    softmax_stats: bool = True
     qq: torch.Tensor = field(init=False)
     kk: torch.Tensor = field(init=False)
     vv: torch.Tensor = field(init=False)
@@ -75,10 +76,12 @@ class LayerStats:
     def to_dict(self) -> dict:
         """The per-layer entry of the design.md schema (CPU fp64 tensors)."""
         cpu = lambda x: x.detach().to("cpu", torch.float64).clone()
-        return {"qq": cpu(self.qq), "kk": cpu(self.kk), "vv": cpu(self.vv),
-                "wvv": cpu(self.wvv), "w_sum": cpu(self.w_sum),
-                "svv": cpu(self.svv), "s_sum": cpu(self.s_sum),
-                "n": int(self.n), "n_q": int(self.n_q)}
+        out = {"qq": cpu(self.qq), "kk": cpu(self.kk), "vv": cpu(self.vv),
+               "wvv": cpu(self.wvv), "w_sum": cpu(self.w_sum),
+               "n": int(self.n), "n_q": int(self.n_q)}
+        if self.softmax_stats:  # absent keys make the `svv` estimator fail with a clear message
+            out.update(svv=cpu(self.svv), s_sum=cpu(self.s_sum))
+        return out
 
 
 def softmax_key_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -124,7 +127,10 @@ class StatsAccumulator:
     """
 
     def __init__(self, geometry: ModelGeometry, token_source: str = "",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, softmax_stats: bool = True) -> None:
+        # softmax_stats=False skips the causal-softmax weights (svv/s_sum): they dominate
+        # pass 1 on CPU and only the `svv` estimator needs them.
+        self.softmax_stats = softmax_stats
         self.geometry = geometry
         self.token_source = token_source
         self.device = device
@@ -137,7 +143,8 @@ class StatsAccumulator:
                              f"{self.geometry.num_layers} layers")
         if layer not in self.layers:
             dev = self.device if self.device is not None else like.device
-            self.layers[layer] = LayerStats(self.geometry.num_kv_heads, self.geometry.head_dim, dev)
+            self.layers[layer] = LayerStats(self.geometry.num_kv_heads, self.geometry.head_dim, dev,
+                                            softmax_stats=self.softmax_stats)
         return self.layers[layer]
 
     def _check_shape(self, layer: int, name: str, x: torch.Tensor, heads: int) -> None:
@@ -175,11 +182,14 @@ class StatsAccumulator:
         k64 = k.to(dev, torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
         v64 = v.to(dev, torch.float64).permute(1, 0, 2)
         qg = q64.reshape(t_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t_len * g, d)
-        s = softmax_key_weights(q64, k64.permute(1, 0, 2))
-        inc = [qg.transpose(1, 2) @ qg, k64.transpose(1, 2) @ k64, v64.transpose(1, 2) @ v64,
-               _weighted_vv(v64, s), s.sum(dim=1)]
+        inc = [qg.transpose(1, 2) @ qg, k64.transpose(1, 2) @ k64, v64.transpose(1, 2) @ v64]
+        accs = [st.qq, st.kk, st.vv]
+        if self.softmax_stats:
+            s = softmax_key_weights(q64, k64.permute(1, 0, 2))
+            inc += [_weighted_vv(v64, s), s.sum(dim=1)]
+            accs += [st.svv, st.s_sum]
         self._check_finite(layer, "q/k/v", inc)
-        for acc, x in zip((st.qq, st.kk, st.vv, st.svv, st.s_sum), inc, strict=True):
+        for acc, x in zip(accs, inc, strict=True):
             acc += x
         st.n += t_len
         st.n_q += t_len * g
