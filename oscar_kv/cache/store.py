@@ -103,10 +103,8 @@ class MixedKVStore:
         self._recent = (empty.clone(), empty.clone())
         meta = dict(dtype=self.spec.torch_scale_dtype, device=k.device)
         codes = dict(dtype=torch.uint8, device=k.device)
-        self._body = [torch.empty(b, h, 0, d // 4, **codes), torch.empty(b, h, 0, self.groups, **meta),
-                      torch.empty(b, h, 0, self.groups, **meta), torch.empty(b, h, 0, d // 4, **codes),
-                      torch.empty(b, h, 0, self.groups, **meta),
-                      torch.empty(b, h, 0, self.groups, **meta)]
+        self._body = [torch.empty(b, h, 0, d // 4, **codes) if i % 3 == 0
+                      else torch.empty(b, h, 0, self.groups, **meta) for i in range(6)]
 
     def _ensure_capacity(self, extra: int) -> None:
         need = self.body_len + extra
@@ -156,7 +154,7 @@ class MixedKVStore:
         vc, vs, vz = quantize_rows(rv[:, :, :n], self.spec, self.clip_v)
         self._ensure_capacity(n)
         sl = slice(self.body_len, self.body_len + n)
-        for buf, val in zip(self._body, (kc, ks, kz, vc, vs, vz)):
+        for buf, val in zip(self._body, (kc, ks, kz, vc, vs, vz), strict=True):
             buf[:, :, sl] = val
         self.body_len += n
         self.recent_start += n

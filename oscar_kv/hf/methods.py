@@ -184,7 +184,7 @@ class OscarHandle:
         """Undo absorption (bit-exact), drop the plans, restore the attention implementation."""
         if self.restored:
             return
-        for attn, saved in zip(self._attns, self._saved):
+        for attn, saved in zip(self._attns, self._saved, strict=True):
             restore_weights(attn, saved)
             if hasattr(attn, "oscar_plan"):
                 del attn.oscar_plan

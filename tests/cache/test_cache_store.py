@@ -52,7 +52,7 @@ def test_prefill_then_decode_layout(length, chunks):
     k, v = _rows(length + 20)
     store = MixedKVStore(W, grow_tokens=8)
     bounds = torch.linspace(0, length, chunks + 1).round().long().tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         store.append(k[:, :, s:e], v[:, :, s:e])
     _check_layout(store, length)
     for i in range(length, length + 20):

@@ -19,7 +19,7 @@ def _absorb_all(model, rs):
 
 
 def _restore_all(model, saved):
-    for layer, s in zip(model.model.layers, saved):
+    for layer, s in zip(model.model.layers, saved, strict=True):
         restore_weights(layer.self_attn, s)
 
 
