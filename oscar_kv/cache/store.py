@@ -12,6 +12,11 @@ With `WindowSpec(P, R, F)` and L tokens held (see `windows.py`):
                                                 + scale/zero [B, Hkv, T_body, D/G] (spec dtype)
     recent positions [body_end(L), L)           bf16 [B, Hkv, n_recent, D]
 
+The body buffers are allocated token-major, [B, capacity, Hkv, ...], so `slot_view` can hand
+them to the slot-indexed decode kernels (oscar_kv.kernels.Int2Store [S, Hkv, D/4]) without a
+copy: body row i of sequence b is slot b * capacity + i. `body_packed` returns the
+[B, Hkv, T_body, ...] views of the same memory.
+
 `append` adds new rows (any float dtype, rounded to bf16) and then flushes the oldest recent
 rows into the body so that the body ends exactly at `body_end(L)`: F tokens at a time during
 decoding, many blocks at once after a long prefill (quantization is per row, so the result is
@@ -85,7 +90,7 @@ class MixedKVStore:
         self.body_len = 0
         self._sink: tuple[torch.Tensor, torch.Tensor] | None = None
         self._recent: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._body: list[torch.Tensor] | None = None  # kc, ks, kz, vc, vs, vz (capacity rows)
+        self._body: list[torch.Tensor] | None = None  # kc, ks, kz, vc, vs, vz [B, cap, H, .]
 
     @property
     def is_initialized(self) -> bool:
@@ -103,20 +108,20 @@ class MixedKVStore:
         self._recent = (empty.clone(), empty.clone())
         meta = dict(dtype=self.spec.torch_scale_dtype, device=k.device)
         codes = dict(dtype=torch.uint8, device=k.device)
-        self._body = [torch.empty(b, h, 0, d // 4, **codes) if i % 3 == 0
-                      else torch.empty(b, h, 0, self.groups, **meta) for i in range(6)]
+        self._body = [torch.empty(b, 0, h, d // 4, **codes) if i % 3 == 0
+                      else torch.empty(b, 0, h, self.groups, **meta) for i in range(6)]
 
     def _ensure_capacity(self, extra: int) -> None:
         need = self.body_len + extra
-        cap = self._body[0].shape[2]
+        cap = self._body[0].shape[1]
         if need <= cap:
             return
         g = self.grow_tokens
         new_cap = -(-max(need, 2 * cap) // g) * g
         grown = []
         for buf in self._body:
-            nb = buf.new_empty(*buf.shape[:2], new_cap, buf.shape[3])
-            nb[:, :, : self.body_len] = buf[:, :, : self.body_len]
+            nb = buf.new_empty(buf.shape[0], new_cap, *buf.shape[2:])
+            nb[:, : self.body_len] = buf[:, : self.body_len]
             grown.append(nb)
         self._body = grown
 
@@ -155,7 +160,7 @@ class MixedKVStore:
         self._ensure_capacity(n)
         sl = slice(self.body_len, self.body_len + n)
         for buf, val in zip(self._body, (kc, ks, kz, vc, vs, vz), strict=True):
-            buf[:, :, sl] = val
+            buf[:, sl] = val.transpose(1, 2)
         self.body_len += n
         self.recent_start += n
         self._recent = (rk[:, :, n:], rv[:, :, n:])
@@ -179,9 +184,16 @@ class MixedKVStore:
         return torch.cat([sk, rk], dim=2), torch.cat([sv, rv], dim=2), pos
 
     def body_packed(self) -> PackedBody:
-        """The INT2 body as packed views (no copy)."""
-        b = [buf[:, :, : self.body_len] for buf in self._body]
+        """The INT2 body as packed [B, Hkv, T_body, ...] views (no copy, not contiguous)."""
+        b = [buf[:, : self.body_len].transpose(1, 2) for buf in self._body]
         return PackedBody(*b, start=self.sink_tokens)
+
+    def slot_view(self) -> tuple[list[torch.Tensor], int]:
+        """Body buffers flattened to slot-major [B * capacity, Hkv, ...] views (k codes, k scale,
+        k zero, v codes, v scale, v zero) and the capacity: body row i of sequence b is slot
+        b * capacity + i (rows >= body_len are unused)."""
+        cap = self._body[0].shape[1]
+        return [buf.reshape(-1, *buf.shape[2:]) for buf in self._body], cap
 
     def body_dequant(self, dtype: torch.dtype = torch.float32
                      ) -> tuple[torch.Tensor, torch.Tensor]:

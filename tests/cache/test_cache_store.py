@@ -109,3 +109,16 @@ def test_batch_select_and_repeat():
     assert torch.equal(dk2[0], dk[1]) and torch.equal(dk2[1], dk[0])
     store.reset()
     assert store.length == 0 and not store.is_initialized
+
+
+def test_slot_view_addresses_body_rows():
+    k, v = _rows(200)
+    store = MixedKVStore(W, grow_tokens=64)
+    store.append(k, v)
+    bufs, cap = store.slot_view()
+    packed = store.body_packed()
+    assert bufs[0].shape == (B * cap, H, D // 4) and bufs[0].is_contiguous()
+    for b in range(B):
+        for i in (0, packed.num_tokens - 1):
+            assert torch.equal(bufs[0][b * cap + i], packed.k_codes[b, :, i])
+            assert torch.equal(bufs[5][b * cap + i], packed.v_zero[b, :, i])
