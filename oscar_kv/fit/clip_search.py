@@ -139,7 +139,7 @@ def search_layer_clip(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_k: to
                 logp = torch.log_softmax(logits, dim=-1)
                 probs = logp.exp()
                 kb = KBlock(logits=logits, logp=logp, int2=int2, rows=rows)
-                vb = VBlock(probs=probs, out=probs @ vh, rows=rows)
+                vb = VBlock(probs=probs, out=probs @ vh, rows=rows, int2=int2)
                 p_int2 = probs * int2
                 for j in range(len(grid)):
                     delta = (qc @ dk[j].T * scale) * int2  # [g, Tc, T]

@@ -153,7 +153,7 @@ def test_report_over_layers_and_validation():
     assert len(d["layers"][1]["v_curve"]) == 2
     assert "layer" in rep.format() and len(rep.format().splitlines()) == 4
     with pytest.raises(OscarError, match="unknown K clip objective 'nope'; choose one of: "
-                                         "attn_kl, logit_mse"):
+                                         "attn_kl, attn_kl_peak, logit_mse"):
         search_clip_ratios(hold, rots, rots, k_objective="nope")
     with pytest.raises(OscarError, match="V clip objective"):
         search_clip_ratios(hold, rots, rots, v_objective="attn_kl")

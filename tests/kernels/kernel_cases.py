@@ -74,4 +74,4 @@ def reference_outputs(case: DecodeCase, q_rotation=None) -> dict[str, torch.Tens
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
