@@ -46,6 +46,10 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--composition", default="r_h_pbr")
     p.add_argument("--fit-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="search per-layer clip ratios on held-out calibration sequences")
+    p.add_argument("--clip-search", default="auto", choices=["auto", "model", "layer", "off"],
+                   help="model: one K/V ratio by the model's next-token KL on held-out "
+                        "calibration sequences (needs --model); layer: per-layer attention "
+                        "proxies; auto: model if --model is given, else layer")
     p.add_argument("--clip-k", type=float, default=None, help="fixed K clip ratio (no search)")
     p.add_argument("--clip-v", type=float, default=None, help="fixed V clip ratio (no search)")
 
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="phase 2: fit per-layer rotations and clip ratios")
     p.add_argument("--stats", required=True)
+    p.add_argument("--model", default=None, help="HF model directory (for --clip-search model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="rotation directory to write")
     _add_fit_args(p)
     _add_format_args(p)
@@ -131,8 +138,9 @@ def cmd_fit(args, stats: str | None = None, out: str | None = None) -> dict:
         fixed = (args.clip_k if args.clip_k is not None else 1.0,
                  args.clip_v if args.clip_v is not None else 1.0)
     return run_fit(stats=stats or args.stats, out=out or args.out, method=args.method,
-                   composition=args.composition, fit_clip=args.fit_clip and fixed is None,
-                   fixed_clip=fixed, quant=quant, window=window)
+                   composition=args.composition, fit_clip=args.fit_clip, fixed_clip=fixed,
+                   quant=quant, window=window, model=args.model, clip_search=args.clip_search,
+                   dtype=args.dtype, device=args.device)
 
 
 def cmd_eval(args, rotations: str | None = None, data: str | None = None,

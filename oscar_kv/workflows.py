@@ -46,15 +46,73 @@ def run_calibrate(model: str, data: str, out: str, max_tokens: int = 200_000,
     return summary
 
 
+CLIP_SEARCHES = ("auto", "model", "layer", "off")
+
+
 def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r_h_pbr",
             fit_clip: bool = True, fixed_clip: tuple[float, float] | None = None,
-            quant: QuantSpec = QuantSpec(), window: WindowSpec = WindowSpec()) -> dict:
-    """Phase 2: fit rotations (+ clip ratios) from `stats` into `out`."""
+            quant: QuantSpec = QuantSpec(), window: WindowSpec = WindowSpec(),
+            model: str | None = None, clip_search: str = "auto", dtype: str = "float32",
+            device: str = "auto") -> dict:
+    """Phase 2: fit rotations (+ clip ratios) from `stats` into `out`.
+
+    Clip ratios: `fixed_clip` wins; else with `fit_clip`, `clip_search` picks how:
+    "model" (one K and one V ratio chosen by the model's next-token KL on the held-out
+    calibration sequences; needs `model`), "layer" (per-layer attention-error proxies, no model
+    needed), "auto" = "model" when a model is given, else "layer"; "off" = no clipping.
+    """
     from oscar_kv.fit.pipeline import fit_rotations
 
+    if clip_search not in CLIP_SEARCHES:
+        raise OscarError(f"unknown clip search {clip_search!r}; choose one of: "
+                         f"{', '.join(CLIP_SEARCHES)}")
+    if clip_search == "auto":
+        clip_search = "model" if model else "layer"
+    if not fit_clip:
+        clip_search = "off"
+    if clip_search == "model" and fixed_clip is None:
+        if not model:
+            raise OscarError("--clip-search model needs --model (the model the statistics "
+                             "came from)")
+        return _fit_with_model_clips(stats, out, method, composition, quant, window, model,
+                                     dtype, device)
     summary = fit_rotations(stats, out, method=method, composition=composition,
-                            fit_clip=fit_clip, fixed_clip=fixed_clip, quant=quant,
+                            fit_clip=clip_search == "layer", fixed_clip=fixed_clip,
+                            quant=quant, window=window, log=print)
+    print(f"rotations written to {out}")
+    return summary
+
+
+def _fit_with_model_clips(stats, out, method, composition, quant, window, model, dtype,
+                          device) -> dict:
+    from oscar_kv.capture.calibrate import load_hf_model
+    from oscar_kv.evals.clip_select import select_global_clips
+    from oscar_kv.fit.checkpoint import load_rotation_set
+    from oscar_kv.fit.pipeline import fit_rotations, load_holdout
+    from oscar_kv.hf import model_geometry
+
+    hold = load_holdout(stats)
+    if "ids" not in hold:
+        raise OscarError(f"{stats}/holdout.pt has no held-out token ids (made by an older "
+                         "calibrate); re-run `python -m oscar_kv calibrate` or use "
+                         "--clip-search layer")
+    fit_rotations(stats, out, method=method, composition=composition, fit_clip=False,
+                  quant=quant, window=window, log=print)
+    mdl = load_hf_model(model, dtype=dtype, device=_device(device))
+    rot = load_rotation_set(out, expect=model_geometry(mdl))
+    sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window)
+    print(f"model-level clip selection: k={sel['clip_k']} v={sel['clip_v']} "
+          f"(mean KL {sel['k_curve'][str(sel['clip_k'])]:.5f} -> "
+          f"{sel['v_curve'][str(sel['clip_v'])]:.5f})")
+    summary = fit_rotations(stats, out, method=method, composition=composition,
+                            fixed_clip=(sel["clip_k"], sel["clip_v"]), quant=quant,
                             window=window, log=print)
+    report_path = Path(out) / "fit_report.json"
+    report = json.loads(report_path.read_text())
+    report["clip_source"] = "model_kl"
+    report["clip_selection"] = sel
+    _write_json_atomic(str(report_path), report)
+    summary["clip_selection"] = sel
     print(f"rotations written to {out}")
     return summary
 

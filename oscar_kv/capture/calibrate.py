@@ -131,7 +131,12 @@ def calibrate(model: Any, token_batches: Sequence[torch.Tensor], out_dir: str | 
             for row in held:
                 forward(row, record_hold)
 
-    out = acc.save(out_dir, hold.to_dict() if len(hold) else None)
+    hold_dict = None
+    if len(hold):
+        hold_dict = hold.to_dict()
+        # token ids too, so a model-level clip selection can replay the held-out sequences
+        hold_dict["ids"] = torch.as_tensor(holdout_seqs, dtype=torch.long).cpu()
+    out = acc.save(out_dir, hold_dict)
     stats_n = acc.layers[0].n
     return {"out_dir": str(out), "stats_path": str(out / STATS_FILE),
             "holdout_path": str(out / HOLDOUT_FILE) if len(hold) else None,
