@@ -22,7 +22,8 @@ from oscar_kv.evals.bench.runner import RunConfig, run_task
 from oscar_kv.evals.bench.sandbox import SandboxLimits
 
 
-def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+def add_run_args(p: argparse.ArgumentParser, out_required: bool = True,
+                 method_tag: bool = True) -> None:
     """Flags shared by this CLI and `serve` (everything but where the server is)."""
     p.add_argument("--task", default="gpqa",
                    help=f"comma-separated tasks or 'all' ({','.join(TASK_ORDER)})")
@@ -55,7 +56,8 @@ def add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--code-memory-mb", type=int, default=4096)
     p.add_argument("--lcb-start-date", default="", help="LCB contest_date lower bound YYYY-MM-DD")
     p.add_argument("--lcb-end-date", default="", help="LCB contest_date upper bound YYYY-MM-DD")
-    p.add_argument("--method", default="", help="method tag recorded in metrics (bf16, oscar…)")
+    if method_tag:
+        p.add_argument("--method", default="", help="method tag recorded in metrics (bf16…)")
     p.add_argument("--model-label", default="", help="model name for tables (default --model)")
 
 

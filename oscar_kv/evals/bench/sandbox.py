@@ -16,7 +16,7 @@ The wall-time limit is enforced from the parent: on expiry the whole process gro
 with SIGKILL. This is a guard against accidents (runaway loops, memory blow-ups, stray writes,
 network calls) by model-written code, not a security boundary against deliberate escapes
 (e.g. via a C extension already loaded): run the evaluator as an unprivileged user or inside
-a container when that matters. Limits are documented in docs/evals_bench.md.
+a container when that matters.
 """
 
 from __future__ import annotations

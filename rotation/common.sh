@@ -1,0 +1,44 @@
+# shellcheck shell=bash
+# Shared defaults for rotation/<model>/*.sh; sourced after the model's vars.sh.
+# Every value can be overridden from the environment (HF_HOME etc. are taken from it as-is).
+# Outputs: rotation/<model>/<DATASET>/<TAG>/{stats,rotations,_eval_<method>}.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+DATASET=${DATASET:-GPQA}
+GROUP_SIZE=${GROUP_SIZE:-128}
+CALIB_TOKENS=${CALIB_TOKENS:-20000}
+SEQ_LEN=${SEQ_LEN:-2048}
+TAG=${TAG:-seq${CALIB_TOKENS}_len${SEQ_LEN}_group${GROUP_SIZE}}
+RUN_DIR=${RUN_DIR:-$MODEL_DIR/$DATASET/$TAG}
+STATS_DIR=${STATS_DIR:-$RUN_DIR/stats}
+ROT_DIR=${ROT_DIR:-$RUN_DIR/rotations}
+MODEL_PATH=${MODEL_PATH:-$MODEL}
+PORT=${PORT:-31057}
+N_REPEATS=${N_REPEATS:-5}
+TASKS=${TASKS:-all}
+METHOD=${METHOD:-oscar}
+WORKERS=${WORKERS:-32}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-1200}
+SERVER_ARGS=${SERVER_ARGS:-}
+CALIB_DATA=${CALIB_DATA:-}
+export RUN_DIR STATS_DIR ROT_DIR
+
+# Phase 1 reads a local GPQA-diamond csv (the simple-evals file); fail early with a hint.
+require_calib_data() {
+  if [[ -z "$CALIB_DATA" || ! -f "$CALIB_DATA" ]]; then
+    echo "error: set CALIB_DATA to the GPQA-diamond csv (simple-evals gpqa_diamond.csv)" >&2
+    exit 2
+  fi
+}
+
+# Models whose calibration needs tensor parallelism cannot use the HF capture yet.
+require_hf_capture() {
+  if [[ "${TP_DUMP:-1}" != "1" && "${FORCE_HF_CAPTURE:-0}" != "1" ]]; then
+    echo "error: $MODEL needs TP=$TP_DUMP for capture; the SGLang capture path is not yet" \
+      "available in oscar-kv. Use published rotations (scripts/fetch_rotations.py), or a" \
+      "reference raw dump converted with oscar_kv.capture.rawdump, or FORCE_HF_CAPTURE=1." >&2
+    exit 3
+  fi
+}
