@@ -1,0 +1,202 @@
+"""The plugin against the real sglang==0.5.17 on CPU (skipped when sglang is not importable).
+
+Run via scripts/ci_sglang_cpu.sh (lean venv, docs/sglang_integration.md §2.3). Covers: entry
+point discovery, every hook applied by `load_plugins()`, `--kv-cache-dtype int2` parsing and
+ServerArgs resolution, the dtype mapping, model rejections, the cell size / arena budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+try:
+    import sglang
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+except Exception as e:  # ImportError, or torchvision's RuntimeError without the stub
+    pytest.skip(f"sglang is not importable ({type(e).__name__}: {e}); run "
+                "scripts/ci_sglang_cpu.sh for these tests", allow_module_level=True)
+
+from oscar_kv.config import QuantSpec, WindowSpec  # noqa: E402
+from oscar_kv.errors import OscarError  # noqa: E402
+from oscar_kv.sglang_plugin import env as E  # noqa: E402
+from oscar_kv.sglang_plugin import hooks as H  # noqa: E402
+from oscar_kv.sglang_plugin.pool_index import int2_bytes_per_token  # noqa: E402
+
+
+def _model_dir() -> Path | None:
+    """A local model dir with config.json (only the config is read): OSCAR_TINY_LM, else
+    ../shared/models/oscar-tiny-code-lm beside the repo."""
+    env = os.environ.get("OSCAR_TINY_LM")
+    repo = Path(__file__).resolve().parents[2]
+    for cand in ([Path(env)] if env else []) + [repo.parent / "shared/models/oscar-tiny-code-lm"]:
+        if (cand / "config.json").exists():
+            return cand
+    return None
+
+
+MODEL = _model_dir()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins():
+    assert sglang.__version__ == "0.5.17", sglang.__version__
+    load_plugins()
+
+
+@pytest.fixture
+def int2_env(tmp_path, monkeypatch):
+    for t in ("k", "v"):
+        (tmp_path / f"{t}.pt").write_bytes(b"placeholder")
+    for k in E.FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(E.ENABLE, "1")
+    monkeypatch.setenv(E.K_ROTATION_PATH, str(tmp_path / "k.pt"))
+    monkeypatch.setenv(E.V_ROTATION_PATH, str(tmp_path / "v.pt"))
+    return monkeypatch
+
+
+def test_entry_point_registered():
+    eps = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("oscar_kv_int2") == "oscar_kv.sglang_plugin:register"
+
+
+def test_all_hooks_applied():
+    want = {f"{H.SA}.add_cli_args", f"{H.SA}.from_cli_args", f"{H.SA}.__post_init__",
+            H.KV_DTYPE_FN, f"{H.KVC}._build_token_to_kv_pool", f"{H.KVC}._build_mha_kv_pool",
+            f"{H.POOLCFG}._compute_cell_size", f"{H.POOLCFG}.calculate_pool_sizes"}
+    assert want <= HookRegistry._patched
+
+
+def test_backend_registered():
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    from oscar_kv.sglang_plugin.backend import int2_backend_class
+
+    assert "int2_triton" in ATTENTION_BACKENDS and "int2_triton" in ATTENTION_BACKEND_CHOICES
+    cls = int2_backend_class()
+    assert issubclass(cls, TritonAttnBackend)
+    with pytest.raises(NotImplementedError, match="not wired"):
+        cls.forward_decode(object(), None, None, None, None, None)
+
+
+def test_cli_accepts_int2_only():
+    from sglang.srt.server_args import ServerArgs
+
+    p = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(p)
+    ns = p.parse_args(["--model-path", "m", "--kv-cache-dtype", "int2",
+                       "--kv-cache-quant-group-size", "32"])
+    assert ns.kv_cache_dtype == "int2" and ns.kv_cache_quant_group_size == 32
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model-path", "m", "--kv-cache-dtype", "int3"])
+
+
+@pytest.mark.skipif(MODEL is None, reason="reference model config not found")
+def test_server_args_resolve_with_int2(int2_env):
+    from sglang.srt.server_args import prepare_server_args
+
+    int2_env.setenv(E.RECENT_TOKENS, "128")
+    sa = prepare_server_args(["--model-path", str(MODEL), "--device", "cpu",
+                              "--kv-cache-dtype", "int2", "--kv-cache-quant-group-size", "64"])
+    assert sa.kv_cache_dtype == "int2"
+    assert sa.attention_backend == sa.decode_attention_backend == "int2_triton"
+    assert sa.disable_radix_cache is True and sa.page_size == 1
+    assert sa.kv_cache_quant_group_size == 64
+
+
+@pytest.mark.skipif(MODEL is None, reason="reference model config not found")
+@pytest.mark.parametrize("extra,needle", [
+    (["--attention-backend", "triton"], "--attention-backend triton"),
+    (["--enable-hierarchical-cache"], "hierarchical"),
+    (["--page-size", "16"], "page-size"),
+])
+def test_server_args_reject(int2_env, extra, needle):
+    from sglang.srt.server_args import prepare_server_args
+
+    with pytest.raises(OscarError, match=needle):
+        prepare_server_args(["--model-path", str(MODEL), "--device", "cpu",
+                             "--kv-cache-dtype", "int2", *extra])
+
+
+@pytest.mark.skipif(MODEL is None, reason="reference model config not found")
+def test_bad_env_fails_at_startup(int2_env):
+    from sglang.srt.server_args import prepare_server_args
+
+    int2_env.setenv(E.PREFIX_TOKENS, "30")
+    with pytest.raises(OscarError, match="multiple of 8"):
+        prepare_server_args(["--model-path", str(MODEL), "--device", "cpu",
+                             "--kv-cache-dtype", "int2"])
+
+
+def test_kv_dtype_mapping():
+    from sglang.srt.mem_cache import kv_cache_dtype as K
+
+    kw = dict(model=torch.nn.Linear(1, 1), is_draft_worker=False, is_dflash=False,
+              speculative_draft_attention_backend=None)
+    assert K.configure_kv_cache_dtype(server_args_kv_cache_dtype="int2",
+                                      model_dtype=torch.bfloat16, **kw) \
+        == ("int2", torch.bfloat16)
+    assert K.configure_kv_cache_dtype(server_args_kv_cache_dtype="bf16",
+                                      model_dtype=torch.float16, **kw)[1] == torch.bfloat16
+    with pytest.raises(ValueError, match="Unsupported"):
+        K.configure_kv_cache_dtype(server_args_kv_cache_dtype="int3",
+                                   model_dtype=torch.bfloat16, **kw)
+
+
+def _fake_kvc(**kw):
+    hf = SimpleNamespace(architectures=["DeepseekV3ForCausalLM"], sliding_window=None)
+    mc = SimpleNamespace(hf_config=hf, is_encoder_decoder=False, head_dim=128,
+                         get_num_kv_heads=lambda tp: 8 // tp)
+    base = dict(kv_cache_dtype_str="int2", model_config=mc, use_mla_backend=False,
+                is_hybrid_swa=False, mambaish_config=None,
+                server_args=SimpleNamespace(max_running_requests=16,
+                                            kv_cache_quant_group_size=None))
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_pool_build_rejects_mla():
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+
+    with pytest.raises(OscarError, match="MLA"):
+        KVCacheConfigurator._build_token_to_kv_pool(
+            _fake_kvc(use_mla_backend=True), sizes=None, is_dsa_model=False,
+            is_dsv4_model=False, req_to_token_pool=None)
+
+
+def test_cell_size_and_arena_budget(int2_env, monkeypatch):
+    from sglang.srt.model_executor import pool_configurator as PC
+
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel",
+                        lambda: SimpleNamespace(attn_tp_size=1))
+    cfg = object.__new__(PC.DefaultPoolConfigurator)
+    kvc = _fake_kvc()
+    cell = PC.DefaultPoolConfigurator._compute_cell_size(cfg, kvc, 4)
+    spec = QuantSpec(group_size=128, scale_dtype="bfloat16")
+    assert cell == int2_bytes_per_token(4, 8, 128, spec) == 4 * 2 * 8 * 36
+    arena = H.int2_arena_bytes(WindowSpec(64, 256, 8), 16, 4, 8, 128)
+    assert cfg._oscar_arena_bytes == arena
+    cfg._cell_size, cfg._zero_kv_max_tokens = cell, 0
+    out = PC.DefaultPoolConfigurator.calculate_pool_sizes(cfg, arena + 1000 * cell, 1)
+    assert out.max_total_num_tokens == 1000
+    with pytest.raises(OscarError, match="mem-fraction-static"):
+        PC.DefaultPoolConfigurator.calculate_pool_sizes(cfg, arena, 1)
+
+
+def test_bf16_dtype_paths_unchanged():
+    from sglang.srt.model_executor import pool_configurator as PC
+
+    cfg = object.__new__(PC.DefaultPoolConfigurator)
+    cfg._cell_size, cfg._zero_kv_max_tokens = 100, 0
+    assert PC.DefaultPoolConfigurator.calculate_pool_sizes(cfg, 10_000, 1) \
+        .max_total_num_tokens == 100
