@@ -11,5 +11,5 @@ Modules: `client` (stdlib HTTP, retry policy that never re-sends in-flight work)
 (isolated execution of generated code), `data` (local file or hub), `tasks` / `code_tasks`
 (the five tasks), `runner` (thread pool, seeds, JSONL, metrics.json), `aggregate` (tables),
 `serve` (server lifecycle per method). Protocol choices are documented in rotation/README.md.
-Nothing here imports torch, transformers or sglang.
+These modules import neither transformers nor sglang (torch only via the oscar_kv package).
 """
