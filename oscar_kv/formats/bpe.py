@@ -8,6 +8,7 @@ R = 256, G = 128 and 16-bit metadata: 2.2836 at 128K, 2.3843 at 32K; fp32 metada
 from __future__ import annotations
 
 from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.errors import OscarError
 
 BF16_BITS = 16
 
@@ -21,7 +22,7 @@ def bits_per_element(total_len: int, window: WindowSpec = WindowSpec(),
                      spec: QuantSpec = QuantSpec()) -> float:
     """Average bits per K (or V) element over a cache of `total_len` tokens."""
     if total_len <= 0:
-        raise ValueError("total_len must be positive")
+        raise OscarError(f"total_len must be a positive token count, got {total_len}")
     hp = min(total_len, window.sink_tokens + window.recent_tokens)
     body = total_len - hp
     return (hp * BF16_BITS + body * body_bits_per_element(spec)) / total_len

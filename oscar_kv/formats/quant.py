@@ -18,7 +18,8 @@ lloyd_max (exact Gaussian centroids): mu, sigma = mean, sqrt(population var + 1e
     mu + sigma * {-1.5104, -0.4528, 0.4528, 1.5104}[code]. Stored as scale := sigma,
     zero := mu (so its dequant differs from the affine formula).
 
-lloyd_max_uniform116 (the reference's "production-stable" grid): the same mu/sigma and
+lloyd_max_uniform116 (the reference's "production-stable" grid): the same mu/sigma (sigma
+    floored at |mu| * 2**-10) and
     thresholds {-0.98107, 0, 0.98107}, stored as affine scale = (2 * 1.50956 / 3) * 1.16 *
     sigma, zero = 1.5 - mu / scale, dequantized with the affine formula.
 
@@ -109,6 +110,9 @@ def quantize_int2(x: torch.Tensor, spec: QuantSpec = QuantSpec(), clip_ratio: fl
         codes = _threshold_codes(xg, zero.float(), scale.float(), LM_THRESHOLD)
     elif spec.quantizer == "lloyd_max_uniform116":
         mu, sigma = _row_stats(xg)
+        # same role as minmax's range floor: keeps |zero| <= ~880 so fp16 metadata never
+        # overflows on near-constant rows far from zero.
+        sigma = torch.maximum(sigma, mu.abs() * RANGE_FLOOR)
         codes = _threshold_codes(xg, mu, sigma, U116_THRESHOLD)
         scale = ((2 * U116_C0 / 3) * U116_RATIO * sigma).to(spec.torch_scale_dtype)
         zero = (1.5 - mu / scale.float()).to(spec.torch_scale_dtype)

@@ -74,13 +74,6 @@ def test_nonpositive_length_is_rejected():
             bits_per_element(n, W, BF16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bits_per_element raises a plain ValueError for total_len <= 0; design.md says every "
-        "user-facing failure is an OscarError (a ValueError subclass) with an actionable message."
-    ),
-)
 def test_nonpositive_length_raises_oscar_error():
     with pytest.raises(OscarError):
         bits_per_element(0, W, BF16)
