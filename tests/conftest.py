@@ -7,6 +7,17 @@ from pathlib import Path
 
 import pytest
 
+# Triton must see TRITON_INTERPRET before anything imports it (transformers does), so set it
+# here, first, on machines without a GPU: kernels then run on CPU tensors in the interpreter.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
 REPO = Path(__file__).resolve().parents[1]
 
 

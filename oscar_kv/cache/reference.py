@@ -42,19 +42,21 @@ def mixed_attention_reference(
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]; q_pos [Tq], k_pos [Tk] absolute positions.
     window=None means no quantization (plain BF16 attention). k_body/v_body optionally give
     the dequantized body rows (same shape as k/v) instead of fake-quantizing k/v here.
-    Returns [B, Hq, Tq, D] in q's dtype; math in fp32, BF16 rows rounded to bf16 first.
+    Returns [B, Hq, Tq, D] in q's dtype; math in fp32 (fp64 for fp64 input), BF16 rows
+    rounded to bf16 first.
     """
     b, hq, tq, d = q.shape
     scaling = d**-0.5 if scaling is None else scaling
-    kb = k.to(torch.bfloat16).float()
-    vb = v.to(torch.bfloat16).float()
+    cdt = torch.promote_types(q.dtype, torch.float32)  # fp64 in, fp64 math (tight tests)
+    kb = k.to(torch.bfloat16).to(cdt)
+    vb = v.to(torch.bfloat16).to(cdt)
     if window is not None:
-        kq = (k_body if k_body is not None else fake_quant(kb, spec, clip_k)).float()
-        vq = (v_body if v_body is not None else fake_quant(vb, spec, clip_v)).float()
+        kq = (k_body if k_body is not None else fake_quant(kb, spec, clip_k)).to(cdt)
+        vq = (v_body if v_body is not None else fake_quant(vb, spec, clip_v)).to(cdt)
         kq, vq = _expand_kv(kq, hq), _expand_kv(vq, hq)
     kb, vb = _expand_kv(kb, hq), _expand_kv(vb, hq)
-    qf = q.float()
-    out = torch.empty(b, hq, tq, d, dtype=torch.float32, device=q.device)
+    qf = q.to(cdt)
+    out = torch.empty(b, hq, tq, d, dtype=cdt, device=q.device)
     for s in range(0, tq, block_q):
         e = min(s + block_q, tq)
         qs, qp = qf[:, :, s:e], q_pos[s:e]
