@@ -3,8 +3,10 @@
 `"oscar"`  (generation, needs an `OscarCache`): q is rotated by R_K; each query attends to the
            earlier tokens as the layer's store holds them (BF16 sink/recent exact, INT2 body
            dequantized) and to the tokens of its own forward chunk in BF16, with one softmax.
-           Single-token decode steps go through `DECODE_BACKENDS[kv.decode_backend]`, the one
-           place where the fused Triton decode kernel plugs in on CUDA.
+           Single-token decode steps go through `DECODE_BACKENDS[kv.decode_backend]`:
+           "torch" (dense fp32 math over the dequantized store) or "triton" (plan once per
+           step, split-K kernel over the packed store, query rotation fused). A chunk at
+           position 0 (a first prefill) sees only its own BF16 rows: it is plain causal SDPA.
 `"oscar_sim"` (teacher-forced evaluation, no cache): a full-sequence forward in which every
            position attends exactly as a decode step at that position would
            (`cache.reference.mixed_attention_reference`, q_pos = k_pos = the position ids).
@@ -18,13 +20,17 @@ attend) or None for a purely causal batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from oscar_kv.cache.reference import mixed_attention_reference
+from oscar_kv.config import QuantSpec
 from oscar_kv.errors import OscarError
-from oscar_kv.hf.cache import DECODE_BACKENDS, OscarKV
+from oscar_kv.hf.cache import DECODE_BACKENDS, DecodeStep, OscarKV
 from oscar_kv.hf.plan import LayerPlan, rotate
+from oscar_kv.kernels import Int2Store, decode_attention
+from oscar_kv.kernels.write import warn_once
 
 GENERATE_IMPL = "oscar"
 SIMULATE_IMPL = "oscar_sim"
@@ -69,12 +75,58 @@ def chunk_attention_torch(q_rot: torch.Tensor, kv: OscarKV, scaling: float,
     return torch.matmul(probs, v)
 
 
+def first_chunk_attention(q_rot: torch.Tensor, kv: OscarKV, scaling: float,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+    """`chunk_attention_torch` for a chunk at position 0 (nothing cached before it): causal
+    SDPA over the chunk's BF16 rows, without materialising [T, T] logits in fp32.
+
+    q_rot [B, Hq, T, D]; mask bool [B, 1, T, T] (causality included) or None.
+    Returns [B, Hq, T, D] in q_rot's dtype (fully masked pad rows give 0)."""
+    hq = q_rot.shape[1]
+    k, v = kv.chunk_k.to(q_rot.dtype), kv.chunk_v.to(q_rot.dtype)
+    if mask is None:  # GQA inside SDPA (flash on CUDA) only without a mask
+        return F.scaled_dot_product_attention(q_rot, k, v, is_causal=True, scale=scaling,
+                                              enable_gqa=hq != k.shape[1])
+    out = F.scaled_dot_product_attention(q_rot, _expand_kv(k, hq), _expand_kv(v, hq),
+                                         attn_mask=mask, scale=scaling)
+    return out.nan_to_num_(0.0)
+
+
 @DECODE_BACKENDS.register("torch")
-def decode_attention_torch(q_rot: torch.Tensor, kv: OscarKV, scaling: float,
+def decode_attention_torch(query: torch.Tensor, kv: OscarKV, scaling: float,
                            mask: torch.Tensor | None) -> torch.Tensor:
-    """Single-token decode: q_rot [B, Hq, 1, D] -> fp32 [B, Hq, 1, D] (pure-torch twin of the
-    fused Triton decode kernel)."""
-    return chunk_attention_torch(q_rot, kv, scaling, mask)
+    """Single-token decode: query [B, Hq, 1, D] (unrotated) -> fp32 [B, Hq, 1, D] (the pure-torch
+    twin of the "triton" backend)."""
+    return chunk_attention_torch(rotate(query, kv.plan.r_k, query.dtype), kv, scaling, mask)
+
+
+@DECODE_BACKENDS.register("triton")
+def decode_attention_kernels(query: torch.Tensor, kv: OscarKV, scaling: float,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+    """Single-token decode through `kernels.decode_attention` (Triton, forced: CPU tensors need
+    TRITON_INTERPRET=1) over the store's slot views, with the step's shared tables and plan
+    and R_K applied to the query once per layer inside the wrapper.
+
+    query [B, Hq, 1, D] -> [B, Hq, 1, D] in query's dtype (fp32 for fp64 queries). A padding
+    mask is not expressible in the slot tables: such steps use the "torch" backend."""
+    if mask is not None and not bool(mask.all()):
+        warn_once("hf-triton-mask", "the triton decode backend takes no attention mask; padded "
+                  "batches decode with the torch backend")
+        return decode_attention_torch(query, kv, scaling, mask)
+    q = query[:, :, 0]
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        q = q.float()
+    store = kv.store
+    step = kv.step if kv.step is not None else DecodeStep()
+    tables, plan = step.prepare(store, q)
+    body, _ = store.slot_view()
+    k_bf16, v_bf16, _ = store.hp_slot_view()
+    d = q.shape[-1]
+    spec = store.spec if store.window is not None else QuantSpec(group_size=d)  # empty body
+    out = decode_attention(q, Int2Store(*body[:3], spec), Int2Store(*body[3:], spec), k_bf16,
+                           v_bf16, tables, scaling, plan, q_rotation=kv.plan.r_k,
+                           backend="triton")
+    return out[:, :, None].clone()  # plan.out is the step's buffer, reused by the next layer
 
 
 def oscar_attention(module: torch.nn.Module, query: torch.Tensor, key: OscarKV, value: OscarKV,
@@ -88,12 +140,13 @@ def oscar_attention(module: torch.nn.Module, query: torch.Tensor, key: OscarKV, 
                          "implementation (handle.simulate) for cache-free forwards")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t = query.shape[2]
-    q_rot = rotate(query, key.plan.r_k, query.dtype)
     mask = _bool_mask(attention_mask, t, key.store.length)
     if t == 1:
-        out = DECODE_BACKENDS.get(key.decode_backend)(q_rot, key, scaling, mask)
+        out = DECODE_BACKENDS.get(key.decode_backend)(query, key, scaling, mask)
+    elif key.start == 0:
+        out = first_chunk_attention(rotate(query, key.plan.r_k, query.dtype), key, scaling, mask)
     else:
-        out = chunk_attention_torch(q_rot, key, scaling, mask)
+        out = chunk_attention_torch(rotate(query, key.plan.r_k, query.dtype), key, scaling, mask)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

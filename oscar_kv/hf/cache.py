@@ -13,6 +13,11 @@ pass whatever it returns straight to the attention function. `OscarCache.update`
 Use it only with the `"oscar"` attention implementation (`prepare_model` sets it).
 Sequences of one batch share positions (no per-row lengths): left-padded batches are treated
 position-wise, pad slots being hidden by the attention mask.
+
+`decode_backend` ("auto" = "triton" on CUDA, "torch" elsewhere) picks both the body writes
+(`kernels.write_int2`, bit-exact with `formats`, so the store is the same either way) and the
+single-token decode attention (`DECODE_BACKENDS`). On "triton" the slot tables and the split-K
+plan are made once per decode step by a `DecodeStep` shared by all layers, then reused.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from oscar_kv.cache.store import MixedKVStore
 from oscar_kv.errors import OscarError
 from oscar_kv.hf.plan import LayerPlan, rotate
+from oscar_kv.kernels import DecodePlan, KVTables, contiguous_token_slots, plan_decode
 from oscar_kv.registry import Registry
 
 
@@ -33,7 +39,8 @@ class OscarKV:
     """What `update` hands the attention function for one layer and one forward chunk.
 
     chunk_k, chunk_v: bf16 [B, Hkv, T, D] rotated rows of this chunk (positions start..start+T-1);
-    store: the layer's store, already holding them (length = start + T).
+    store: the layer's store, already holding them (length = start + T);
+    step: the cache's per-step decode plan (None outside an `OscarCache`).
     """
 
     store: MixedKVStore
@@ -42,11 +49,57 @@ class OscarKV:
     chunk_v: torch.Tensor
     start: int
     decode_backend: str
+    step: DecodeStep | None = None
 
     @property
     def shape(self) -> torch.Size:  # for code that only inspects key_states.shape
         b, h, _, d = self.chunk_k.shape
         return torch.Size((b, h, self.store.length, d))
+
+
+class DecodeStep:
+    """Slot tables and split-K plan of the current decode step, shared by all layers.
+
+    The stores of one cache advance in lockstep, so the first layer to ask in a step builds
+    (or refreshes) them and every later layer gets the same objects: tables over the stores'
+    slot views (INT2 row i of sequence b = slot b * capacity + i, likewise for BF16 rows) whose
+    widths are the capacities, so they and the plan's scratch are rebuilt only when a capacity,
+    the batch or the query shape changes; the lengths are refreshed in place once per step.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._lens: tuple[int, int] | None = None
+        self.tables: KVTables | None = None
+        self.plan: DecodePlan | None = None
+
+    def prepare(self, store: MixedKVStore, q: torch.Tensor) -> tuple[KVTables, DecodePlan]:
+        """Tables and plan for q [B, Hq, D] against `store` (out dtype = q.dtype)."""
+        b, hq, d = q.shape
+        body_cap, hp_cap = store.capacities()
+        hkv = store.hp_slot_view()[0].shape[1]
+        key = (b, hq, hkv, d, body_cap, hp_cap, q.dtype, q.device)
+        if key != self._key:
+            slots = lambda cap: contiguous_token_slots(b, cap, q.device).to(torch.int32)
+            lens = lambda: torch.zeros(b, dtype=torch.int32, device=q.device)
+            self.tables = KVTables(slots(body_cap), lens(), slots(hp_cap), lens())
+            self.plan = plan_decode(b, hq, hkv, d, max_body_len=body_cap, max_hp_len=hp_cap,
+                                    device=q.device, out_dtype=q.dtype)
+            self._key, self._lens = key, None
+        lens = (store.body_len, store.hp_len)
+        if lens != self._lens:
+            self.tables.body_len.fill_(lens[0])
+            self.tables.hp_len.fill_(lens[1])
+            self._lens = lens
+        return self.tables, self.plan
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; other names are checked and kept."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    DECODE_BACKENDS.get(name)
+    return name
 
 
 class OscarLayer(CacheLayerMixin):
@@ -56,15 +109,19 @@ class OscarLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, plan: LayerPlan, decode_backend: str = "torch") -> None:
+    def __init__(self, plan: LayerPlan, decode_backend: str = "auto",
+                 step: DecodeStep | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.decode_backend = decode_backend
+        self.step = step if step is not None else DecodeStep()
         self.store = MixedKVStore(plan.window, plan.quant, plan.clip_k, plan.clip_v)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.plan = self.plan.to(key_states.device)
+        self.decode_backend = resolve_backend(self.decode_backend, key_states.device)
+        self.store.backend = self.decode_backend  # body writes: formats ref or Triton kernel
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -77,7 +134,8 @@ class OscarLayer(CacheLayerMixin):
         v_rot = value_states.to(torch.bfloat16)
         start = self.store.length
         self.store.append(k_rot, v_rot)
-        view = OscarKV(self.store, self.plan, k_rot, v_rot, start, self.decode_backend)
+        view = OscarKV(self.store, self.plan, k_rot, v_rot, start, self.decode_backend,
+                       self.step)
         return view, view
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -120,20 +178,28 @@ class OscarCache(Cache):
     """Mixed BF16/INT2 KV cache for `model.generate(..., past_key_values=OscarCache(...))`.
 
     plans: one `LayerPlan` per decoder layer (build it with `prepare_model(...).new_cache()`).
-    decode_backend: name in `DECODE_BACKENDS` used for single-token decode steps ("torch", or
-    "triton" once oscar_kv.kernels registers it).
+    decode_backend: "auto" (Triton on CUDA, torch elsewhere), or a name in `DECODE_BACKENDS`
+    ("torch": formats reference writes + dense torch attention; "triton": the kernels, also on
+    CPU tensors under TRITON_INTERPRET=1). Prefill chunks use the torch path on every backend.
     """
 
-    def __init__(self, plans: list[LayerPlan], decode_backend: str = "torch") -> None:
-        DECODE_BACKENDS.get(decode_backend)  # fail early with the list of valid names
-        super().__init__(layers=[OscarLayer(p, decode_backend) for p in plans])
+    def __init__(self, plans: list[LayerPlan], decode_backend: str = "auto") -> None:
+        if decode_backend != "auto" and decode_backend not in DECODE_BACKENDS:
+            raise OscarError(f"unknown decode backend {decode_backend!r}; choose one of: "
+                             f"auto, {', '.join(DECODE_BACKENDS.names())}")
+        step = DecodeStep()
+        super().__init__(layers=[OscarLayer(p, decode_backend, step) for p in plans])
 
     def stores(self) -> list[MixedKVStore]:
         """The per-layer stores, e.g. for inspection or a kernel's plan step."""
         return [layer.store for layer in self.layers]
 
+    def allocated_bytes(self) -> int:
+        """Bytes held by every layer's store (buffer capacities, BF16 and INT2 together)."""
+        return sum(store.allocated_bytes() for store in self.stores())
 
-# name -> fn(q_rot [B, Hq, 1, D], kv: OscarKV, scaling: float, mask bool [B, 1, 1, L] | None)
-#         -> out [B, Hq, 1, D] in the rotated V domain. "torch" is registered in attention.py;
-# the fused Triton decode kernel registers "triton" from oscar_kv.kernels.
+
+# name -> fn(query [B, Hq, 1, D] post-RoPE, unrotated; kv: OscarKV; scaling: float;
+#            mask bool [B, 1, 1, L] | None) -> out [B, Hq, 1, D] in the rotated V domain.
+# "torch" and "triton" are registered in attention.py.
 DECODE_BACKENDS: Registry = Registry("decode backend")

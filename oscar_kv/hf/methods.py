@@ -150,8 +150,9 @@ class OscarHandle:
         self._attns = [layer.self_attn for layer in _decoder_layers(model)]
         self.restored = False
 
-    def new_cache(self, decode_backend: str = "torch") -> OscarCache:
-        """A fresh cache for one `generate` call (batch of equal-length sequences)."""
+    def new_cache(self, decode_backend: str = "auto") -> OscarCache:
+        """A fresh cache for one `generate` call (batch of equal-length sequences);
+        decode_backend "auto" = Triton kernels on CUDA, torch elsewhere (see OscarCache)."""
         self._check_live()
         return OscarCache(self.plans, decode_backend=decode_backend)
 
@@ -174,7 +175,7 @@ class OscarHandle:
         finally:
             _set_attn(self.model, before)
 
-    def generate(self, input_ids: torch.Tensor, decode_backend: str = "torch", **kwargs):
+    def generate(self, input_ids: torch.Tensor, decode_backend: str = "auto", **kwargs):
         """`model.generate` with a fresh OscarCache in generate mode (kwargs passed through)."""
         self.set_mode("generate")
         return self.model.generate(input_ids, past_key_values=self.new_cache(decode_backend),

@@ -122,3 +122,39 @@ def test_slot_view_addresses_body_rows():
         for i in (0, packed.num_tokens - 1):
             assert torch.equal(bufs[0][b * cap + i], packed.k_codes[b, :, i])
             assert torch.equal(bufs[5][b * cap + i], packed.v_zero[b, :, i])
+
+
+def test_bf16_rows_are_slot_addressable_and_bounded():
+    k, v = _rows(300)
+    store = MixedKVStore(W, grow_tokens=64)
+    store.append(k[:, :, :250], v[:, :, :250])  # a long prefill never overfills the window
+    for i in range(250, 300):
+        store.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+    kh, vh, cap = store.hp_slot_view()
+    assert cap == P + R + F - 1 and store.capacities()[1] == cap
+    assert kh.shape == (B * cap, H, D) and kh.is_contiguous()
+    rk, rv, pos = store.bf16_rows()
+    for b in range(B):
+        rows = torch.arange(store.hp_len) + b * cap
+        assert torch.equal(kh[rows].transpose(0, 1), rk[b])
+        assert torch.equal(vh[rows].transpose(0, 1), rv[b])
+    body_cap, hp_cap = store.capacities()
+    want = B * H * (2 * hp_cap * D * 2 + 2 * body_cap * (D // 4 + 2 * 2))
+    assert store.allocated_bytes() == want
+
+
+def test_triton_writes_give_the_same_store():
+    """Body writes through the fused kernel (interpreted on CPU) are bit-exact with formats."""
+    pytest.importorskip("triton")
+    k, v = _rows(70, seed=3)
+    stores = [MixedKVStore(W, QuantSpec(group_size=64), 0.9, 0.95, grow_tokens=16,
+                           backend=be) for be in ("torch", "triton")]
+    for s in stores:
+        s.append(k[:, :, :60], v[:, :, :60])
+        for i in range(60, 70):
+            s.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+    assert stores[0].body_len == stores[1].body_len == 16
+    ref, tri = (s.body_packed() for s in stores)
+    for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    assert torch.equal(stores[0].dense()[0], stores[1].dense()[0])

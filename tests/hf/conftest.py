@@ -3,6 +3,8 @@ random rotation sets; one CPU thread (much faster than 2 contended threads for t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,9 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_helpers import load_lm  # noqa: E402
+
+if not torch.cuda.is_available():  # the "triton" backend's kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="module")
