@@ -50,5 +50,5 @@ class MethodTally:
             "ppl": math.exp(nll),
             "kl": self.kl_sum / max(self.tokens, 1),
             "top1_agree": self.agree / max(self.tokens, 1),
-            "copy_acc": self.copy_hits / max(self.copy_total, 1),
+            "copy_acc": self.copy_hits / self.copy_total if self.copy_total else None,
         }
