@@ -50,6 +50,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="model: one K/V ratio by the model's next-token KL on held-out "
                         "calibration sequences (needs --model); layer: per-layer attention "
                         "proxies; auto: model if --model is given, else layer")
+    p.add_argument("--recall-probes", type=int, default=8,
+                   help="copy probes per held-out sequence in the model-level clip selection")
     p.add_argument("--clip-k", type=float, default=None, help="fixed K clip ratio (no search)")
     p.add_argument("--clip-v", type=float, default=None, help="fixed V clip ratio (no search)")
 
@@ -140,7 +142,7 @@ def cmd_fit(args, stats: str | None = None, out: str | None = None) -> dict:
     return run_fit(stats=stats or args.stats, out=out or args.out, method=args.method,
                    composition=args.composition, fit_clip=args.fit_clip, fixed_clip=fixed,
                    quant=quant, window=window, model=args.model, clip_search=args.clip_search,
-                   dtype=args.dtype, device=args.device)
+                   dtype=args.dtype, device=args.device, recall_probes=args.recall_probes)
 
 
 def cmd_eval(args, rotations: str | None = None, data: str | None = None,

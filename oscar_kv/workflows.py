@@ -53,7 +53,7 @@ def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r
             fit_clip: bool = True, fixed_clip: tuple[float, float] | None = None,
             quant: QuantSpec = QuantSpec(), window: WindowSpec = WindowSpec(),
             model: str | None = None, clip_search: str = "auto", dtype: str = "float32",
-            device: str = "auto") -> dict:
+            device: str = "auto", recall_probes: int = 8) -> dict:
     """Phase 2: fit rotations (+ clip ratios) from `stats` into `out`.
 
     Clip ratios: `fixed_clip` wins; else with `fit_clip`, `clip_search` picks how:
@@ -75,7 +75,7 @@ def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r
             raise OscarError("--clip-search model needs --model (the model the statistics "
                              "came from)")
         return _fit_with_model_clips(stats, out, method, composition, quant, window, model,
-                                     dtype, device)
+                                     dtype, device, recall_probes)
     summary = fit_rotations(stats, out, method=method, composition=composition,
                             fit_clip=clip_search == "layer", fixed_clip=fixed_clip,
                             quant=quant, window=window, log=print)
@@ -84,7 +84,7 @@ def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r
 
 
 def _fit_with_model_clips(stats, out, method, composition, quant, window, model, dtype,
-                          device) -> dict:
+                          device, recall_probes: int = 8) -> dict:
     from oscar_kv.capture.calibrate import load_hf_model
     from oscar_kv.evals.clip_select import select_global_clips
     from oscar_kv.fit.checkpoint import load_rotation_set
@@ -100,7 +100,8 @@ def _fit_with_model_clips(stats, out, method, composition, quant, window, model,
                   quant=quant, window=window, log=print)
     mdl = load_hf_model(model, dtype=dtype, device=_device(device))
     rot = load_rotation_set(out, expect=model_geometry(mdl))
-    sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window)
+    sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window,
+                              probes_per_seq=recall_probes)
     print(f"model-level clip selection: k={sel['clip_k']} v={sel['clip_v']} "
           f"(mean KL {sel['k_curve'][str(sel['clip_k'])]:.5f} -> "
           f"{sel['v_curve'][str(sel['clip_v'])]:.5f})")

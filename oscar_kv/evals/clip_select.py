@@ -33,22 +33,30 @@ DEFAULT_GRID_V = (1.0, 0.98, 0.96, 0.94, 0.92, 0.90, 0.88)
 SPAN, SPAN_POS, CUE = 64, 128, 8
 
 
-def recall_probes(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [S, T] -> probes [S, T] and mask [S, T] of positions predicting a recalled token.
+def recall_probes(ids: torch.Tensor, per_seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [S, T] -> probes [S * per_seq, T] and mask of positions predicting a recalled token.
 
-    Probe i = ids[i] with a span taken from ids[(i + 1) % S] written at SPAN_POS and again at
-    the end; the mask marks the positions whose next token is span[CUE:] in the second copy.
+    Probe (i, j) = ids[i] with a SPAN-token span from another held-out sequence (offset j)
+    written at SPAN_POS (inside the INT2 body) and again at the end; the mask marks the
+    positions whose next token is span[CUE:] in the second copy. Several spans per sequence
+    because recall KL over one span is too noisy to rank clip ratios.
     """
     s, t = ids.shape
     if t < SPAN_POS + 2 * SPAN + CUE:
         return ids[:0], torch.zeros(0, t, dtype=torch.bool)
-    probes = ids.clone()
+    rows = []
+    stride = max((t - SPAN) // per_seq, 1)
     for i in range(s):
         donor = ids[(i + 1) % s] if s > 1 else ids[i].flip(0)
-        span = donor[t // 2: t // 2 + SPAN]
-        probes[i, SPAN_POS:SPAN_POS + SPAN] = span
-        probes[i, t - SPAN:] = span
-    mask = torch.zeros(s, t, dtype=torch.bool)
+        for j in range(per_seq):
+            a = (j * stride) % (t - SPAN)
+            span = donor[a:a + SPAN]
+            row = ids[i].clone()
+            row[SPAN_POS:SPAN_POS + SPAN] = span
+            row[t - SPAN:] = span
+            rows.append(row)
+    probes = torch.stack(rows)
+    mask = torch.zeros(probes.shape, dtype=torch.bool)
     mask[:, t - SPAN + CUE - 1: t - 1] = True
     return probes, mask
 
@@ -72,7 +80,7 @@ def _mean_kl(handle, ids: torch.Tensor, ref_logp: list[torch.Tensor],
 
 def select_global_clips(model, rotations, ids: torch.Tensor, quant: QuantSpec = QuantSpec(),
                         window: WindowSpec = WindowSpec(), grid_k=DEFAULT_GRID_K,
-                        grid_v=DEFAULT_GRID_V) -> dict:
+                        grid_v=DEFAULT_GRID_V, probes_per_seq: int = 8) -> dict:
     """ids [S, T] held-out token ids -> {"clip_k", "clip_v", "k_curve", "v_curve", ...}.
 
     `rotations` is a RotationSet (its own clip ratios are ignored). Ties go to the larger
@@ -85,7 +93,7 @@ def select_global_clips(model, rotations, ids: torch.Tensor, quant: QuantSpec = 
                          "`python -m oscar_kv calibrate` with --holdout-seqs >= 1")
     device = next(model.parameters()).device
     ids = ids.to(device)
-    probes, pmask = recall_probes(ids)
+    probes, pmask = recall_probes(ids, probes_per_seq)
     probes = probes.to(device)
     n = rotations.num_layers
     handle = prepare_model(model, "bf16", quant=quant, window=window, mode="simulate")

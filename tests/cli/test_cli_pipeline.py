@@ -19,6 +19,7 @@ def pipeline_run(tiny_lm_dir, tmp_path_factory):
     rc = main(["pipeline", "--model", str(tiny_lm_dir),
                "--data", str(tiny_lm_dir / "heldout_tokens.npy"), "--max-tokens", "1280",
                "--seq-len", "320", "--holdout-seqs", "1", "--no-softmax-stats",
+               "--recall-probes", "2",
                "--eval-seq-len", "320", "--num-seqs", "1", "--methods", "bf16,naive,oscar",
                "--sink-tokens", "16", "--recent-tokens", "32", "--work", str(work)])
     return rc, work
