@@ -28,6 +28,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 4  # stage-1 programs resident per SM that the split heuristic aims for
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
+UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
 
 
 @dataclass
@@ -153,12 +154,13 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
 
     if interpreting():
         emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")
-        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=False, PRECISION="ieee")
+        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=0, PRECISION="ieee")
     if k_bf16.dtype == torch.float32 and q.dtype == torch.float32:
         dot, prec = tl.float32, "ieee"
     else:
         dot, prec = (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
-    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=True, PRECISION=prec)
+    magic = 1 if os.environ.get(UNPACK_ENV, "asm") == "triton" else 2
+    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:

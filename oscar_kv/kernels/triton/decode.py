@@ -71,10 +71,17 @@ _UNPACK_ASM = tl.constexpr("""{
 def _unpack4(word, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
     """Packed bytes -> the four quarter tensors OFFSET + code (exact), one per 2-bit field.
 
-    GPU (MAGIC): bf16 built from its bits, 0x4300 | c == bf16(128 + c), by one inline asm over
-    4 packed bytes per register (shift, and, 2 PRMT per quarter: ~1 instruction per element,
-    no int->float conversion). Interpreter: fp32 arithmetic (OFFSET 0, or 128 to emulate)."""
-    if MAGIC:
+    GPU: bf16 built from its bits, 0x4300 | c == bf16(128 + c), no int->float conversion.
+    MAGIC 2 (default): one inline asm over 4 packed bytes per register (shift, and and 2 PRMT
+    per quarter: ~1 instruction per element); MAGIC 1: the same bits in plain Triton.
+    Interpreter (MAGIC 0): fp32 arithmetic (OFFSET 0, or 128 to emulate the GPU)."""
+    if MAGIC == 1:  # fallback: the same bits, built per element
+        c0 = ((word & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        c1 = (((word >> 2) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        c2 = (((word >> 4) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        c3 = (((word >> 6) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        return c0, c1, c2, c3
+    elif MAGIC == 2:
         return tl.inline_asm_elementwise(
             _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -106,7 +113,7 @@ def _int2_part(
     no per-element dequantisation. Loads are software-pipelined by hand: slot ids two tiles
     ahead, packed codes and metadata one tile ahead (register double buffer)."""
     D4: tl.constexpr = D // 4
-    OFFSET: tl.constexpr = 128.0 if (MAGIC or EMU) else 0.0
+    OFFSET: tl.constexpr = 128.0 if (MAGIC > 0 or EMU) else 0.0
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
