@@ -112,8 +112,16 @@ def write_int2_triton(x: torch.Tensor, rotation: torch.Tensor | None, clip_ratio
         D=d, GROUP=spec.group_size, BLOCK_T=block_t,
         ROTATE=rotation is not None, PRECISION=precision,
         CLIP_INDEX=-1 if idx is None else idx, EPS=eps_for(spec), RANGE_FLOOR=RANGE_FLOOR,
-        META=_META[spec.torch_scale_dtype], num_warps=num_warps,
+        META=_META[spec.torch_scale_dtype], SELECT=_select_mode(idx, d), num_warps=num_warps,
     )
+
+
+PEEL_MAX_STEPS = 16  # peel (<= 17 max+count steps) instead of the 31-step radix select
+
+
+def _select_mode(idx: int | None, d: int) -> int:
+    """1: peel the clip order statistic from the nearer end of the row; 0: radix select."""
+    return int(idx is not None and min(idx, d - 1 - idx) < PEEL_MAX_STEPS)
 
 
 def triton_cdiv(a: int, b: int) -> int:

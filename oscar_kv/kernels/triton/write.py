@@ -56,6 +56,38 @@ def _kth_smallest_abs(x, K: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _kth_smallest_abs_topk(x, K: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Same result as `_kth_smallest_abs` for K near either end of the row, exactly.
+
+    With J = D-1-K (the answer is the J-th largest |x|, 0-based) small, peel off the largest
+    remaining magnitude together with all its ties, J+1 times at most: the answer is the first
+    peeled value whose tie count reaches past the J larger elements still to skip
+    (#(|x| > v) <= J < #(|x| >= v)). K small is the mirror image (smallest first). Each step
+    is one max and one count per row instead of the radix select's 31 counts.
+    """
+    bits = tl.abs(x).to(tl.int32, bitcast=True)  # monotone in |x| for non-negative floats
+    FROM_TOP: tl.constexpr = D - 1 - K <= K
+    J: tl.constexpr = D - 1 - K if FROM_TOP else K
+    if not FROM_TOP:
+        bits = 0x7FFFFFFF - bits  # order reversed: the K-th smallest is the K-th "largest"
+    rem = tl.full([BLOCK_T], J, dtype=tl.int32)
+    ans = tl.zeros([BLOCK_T], dtype=tl.int32)
+    done = tl.zeros([BLOCK_T], dtype=tl.int1)
+    for _ in tl.static_range(J + 1):
+        m = tl.max(bits, axis=1)
+        hit = bits == m[:, None]
+        cnt = tl.sum(hit.to(tl.int32), axis=1)
+        found = (rem < cnt) & (done == 0)
+        ans = tl.where(found, m, ans)
+        done = done | found
+        rem = rem - cnt
+        bits = tl.where(hit, -1, bits)  # peeled: below every remaining pattern (>= 0)
+    if not FROM_TOP:
+        ans = 0x7FFFFFFF - ans
+    return ans.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _write_int2_kernel(
     x_ptr, r_ptr, slot_ptr, packed_ptr, scale_ptr, zero_ptr,
     num_tokens,
@@ -65,7 +97,7 @@ def _write_int2_kernel(
     D: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
     ROTATE: tl.constexpr, PRECISION: tl.constexpr,
     CLIP_INDEX: tl.constexpr, EPS: tl.constexpr, RANGE_FLOOR: tl.constexpr,
-    META: tl.constexpr,
+    META: tl.constexpr, SELECT: tl.constexpr,
 ):
     """grid (cdiv(N, BLOCK_T), H). x [N, H, D]; r fp32 [D, D] contiguous; slots [N];
     packed uint8 [S, H, D/4]; scale/zero [S, H, D/GROUP] (same strides, last dim contiguous)."""
@@ -84,7 +116,10 @@ def _write_int2_kernel(
         x = tl.dot(x, r, input_precision=PRECISION)
 
     if CLIP_INDEX >= 0:
-        tau = _kth_smallest_abs(x, CLIP_INDEX, BLOCK_T)[:, None]
+        if SELECT == 1:  # the clip index is near an end of the row: peel
+            tau = _kth_smallest_abs_topk(x, CLIP_INDEX, D, BLOCK_T)[:, None]
+        else:
+            tau = _kth_smallest_abs(x, CLIP_INDEX, BLOCK_T)[:, None]
         # IEEE negation (Triton's -t is 0 - t, which maps +0 to +0, not -0 as torch does)
         x = tl.maximum(tl.minimum(x, tau), tau * -1.0)
 
