@@ -28,6 +28,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 4  # stage-1 programs resident per SM that the split heuristic aims for
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
+MAXNREG = 128  # stage-1 register cap (GPU only)
 UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
 
 
@@ -50,6 +51,7 @@ class DecodePlan:
     block_h: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
     out: torch.Tensor
@@ -80,11 +82,14 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                 out_dtype: torch.dtype = torch.bfloat16, int2_splits: int | None = None,
                 hp_splits: int | None = None, block_n: int = 64, hp_block_n: int = 64,
                 num_warps: int = 4, num_stages: int = 1, num_sms: int | None = None,
-                programs_per_sm: int = PROGRAMS_PER_SM) -> DecodePlan:
+                programs_per_sm: int = PROGRAMS_PER_SM,
+                maxnreg: int | None = MAXNREG) -> DecodePlan:
     """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
     ~programs_per_sm resident programs per SM (the INT2 stage is latency bound: it needs many
     tiles in flight), each taking at least two tiles; allocate the scratch.
-    max_body_len / max_hp_len: the slot tables' widths (upper bounds)."""
+    max_body_len / max_hp_len: the slot tables' widths (upper bounds). maxnreg caps the
+    stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
+    compiler's choice, ~168 -> 3 per SM)."""
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
@@ -101,7 +106,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     shape = (batch_size, num_q_heads, head_dim)
     return DecodePlan(
         batch_size, num_q_heads, num_kv_heads, head_dim, int2_splits, hp_splits, block_n,
-        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages,
+        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages, maxnreg,
         torch.empty(batch_size, num_q_heads, total, head_dim, **f32),
         torch.full((batch_size, num_q_heads, total), float("-inf"), **f32),
         torch.empty(shape, device=device, dtype=out_dtype),
@@ -215,6 +220,7 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
         ml[:, :, s1:s1 + s2].fill_(float("-inf"))
     mid_strides = (mo.stride(0), mo.stride(1), mo.stride(2), ml.stride(0), ml.stride(1))
     kp, vp = k_int2, v_int2
+    launch = {} if interpreting() or plan.maxnreg is None else {"maxnreg": plan.maxnreg}
     if has_int2 or has_hp:
         # programs of a tier that has no table are not launched: the grid starts at the first
         # tier present and the kernel is told which tiers exist
@@ -238,7 +244,7 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
             GROUP=k_int2.spec.group_size,
             IDX64=_needs_int64(kp.packed, kp.scale, vp.packed, vp.scale),
             HAS_INT2=has_int2, HAS_HP=has_hp, num_warps=plan.num_warps,
-            num_stages=plan.num_stages, **cfg)
+            num_stages=plan.num_stages, **cfg, **launch)
     out = plan.out
     _decode_merge_kernel[(b, hq)](
         mo, ml, out, s1 + s2, *mid_strides, out.stride(0), out.stride(1),
