@@ -220,7 +220,10 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
         ml[:, :, s1:s1 + s2].fill_(float("-inf"))
     mid_strides = (mo.stride(0), mo.stride(1), mo.stride(2), ml.stride(0), ml.stride(1))
     kp, vp = k_int2, v_int2
-    launch = {} if interpreting() or plan.maxnreg is None else {"maxnreg": plan.maxnreg}
+    # the cap was sized on D = 128 (sm_90 build: 168 -> 128 registers, 16 bytes of stack); at
+    # D = 64 or 256 it would spill hundreds of bytes, so other head sizes keep the default
+    cap = plan.maxnreg is not None and d == 128 and plan.block_n <= 128 and not interpreting()
+    launch = {"maxnreg": plan.maxnreg} if cap else {}
     if has_int2 or has_hp:
         # programs of a tier that has no table are not launched: the grid starts at the first
         # tier present and the kernel is told which tiers exist

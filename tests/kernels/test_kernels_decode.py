@@ -98,7 +98,8 @@ def test_bf16_operand_numerics_emulated(triton_device, monkeypatch, group):
     """The GPU path's numerics, reproduced in the interpreter: q and the softmax weights
     rounded to bf16 (round to nearest even), codes exact (+128 offset, as the GPU's bit-built
     bf16 codes), fp32 accumulation. Its error must stay within 2x the reference's own error
-    at bf16 compute precision (which also rounds K, V and every product)."""
+    at bf16 compute precision (which also rounds K, V and every product); measured 0.07-0.36x
+    of it, so the bound is 1x."""
     if triton_device == "cuda":
         pytest.skip("the GPU runs bf16 operands natively (test_gpu_sweep)")
     monkeypatch.setenv("OSCAR_KV_EMULATE_BF16_DOT", "1")
@@ -111,7 +112,7 @@ def test_bf16_operand_numerics_emulated(triton_device, monkeypatch, group):
                                case.tables, plan=_plan(case, block_n=32, hp_block_n=32,
                                                        int2_splits=3),
                                backend="triton")
-        err = _check(case, out.to(torch.float64), factor=2.0)
+        err = _check(case, out.to(torch.float64), factor=1.0)
         assert err > 0.0
 
 
