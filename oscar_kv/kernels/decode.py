@@ -209,6 +209,8 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
     from oscar_kv.kernels.triton.decode import _decode_merge_kernel, _decode_stage1_kernel
 
     cfg = _dot_config(q, k_bf16)
+    if cfg["MAGIC"] == 2 and (d // 4) * plan.block_n < 4 * 32 * plan.num_warps:
+        cfg["MAGIC"] = 1  # the asm takes 4 codes bytes per thread and register
     g = hq // hkv
     mo, ml = plan.mid_o, plan.mid_lse
     s1, s2 = plan.int2_splits, plan.hp_splits

@@ -1,17 +1,21 @@
 """Triton bodies of split-K decode attention over an INT2 body + BF16 windows.
 
-Stage 1 (one launch per tier): grid (B, Hkv, splits). A program owns one KV head and all g
-query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and masked), so the head
-mapping is right for every GQA ratio. It takes a contiguous piece of the sequence's slot
-list, runs an online softmax in base 2 and writes its normalised partial output and
-log2-sum-exp to the split's row of the scratch (lse = -inf for an empty piece, so no fill is
-needed). Stage 2 merges all splits of both tiers by log-sum-exp: one softmax over all keys.
+Stage 1 (one launch for both tiers): grid (B, Hkv, int2_splits + hp_splits). A program owns
+one KV head and all g query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and
+masked), so the head mapping is right for every GQA ratio. It takes a contiguous piece of the
+sequence's INT2 or BF16 slot list, runs an online softmax in base 2 and writes its normalised
+partial output and log2-sum-exp to the split's row of the scratch (lse = -inf for an empty
+piece, so no fill is needed). Stage 2 merges all splits of both tiers by log-sum-exp: one
+softmax over all keys.
 
-INT2 tiles are dequantized in registers: a packed byte holds dims j, j+D/4, j+D/2, j+3D/4,
-so each of the four 2-bit fields is a contiguous quarter-vector that is dotted with the
-matching quarter of q (K) or accumulated into its own quarter of the output (V).
-DOT is the dtype fed to tl.dot (bf16 on a GPU, fp32 under the interpreter, whose bf16 dot is
-wrong); accumulation is always fp32.
+INT2, one (scale, zero) per row (group_size == head_dim, the default): the code domain. A
+packed byte holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter
+vector; the codes become exact bf16 tensor-core operands (built from their bits) and
+    logit_t = s_t (q . c_t - z_t sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,  w_t = p_t s_t
+so nothing is dequantized per element. Loads are software-pipelined by hand (slot ids two
+tiles ahead, codes and metadata one tile ahead). Smaller groups dequantize in registers.
+Dot operands are bf16 on a GPU (fp32 accumulation); the interpreter (whose bf16 dot is wrong)
+uses fp32, optionally rounded to bf16 first (EMU) to reproduce the GPU's numerics.
 """
 
 from __future__ import annotations
