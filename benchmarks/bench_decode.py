@@ -186,10 +186,11 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     return res
 
 
-# (BLOCK_N, num_warps, programs per SM, maxnreg)
-SWEEP = [(64, 4, 4, 128), (64, 4, 2, 128), (64, 4, 8, 128), (64, 4, 3, None), (64, 4, 6, None),
-         (128, 4, 4, 128), (128, 4, 3, None), (128, 8, 2, 128), (128, 8, 4, 128),
-         (64, 8, 4, 128)]
+# (BLOCK_N, num_warps, programs per SM, maxnreg, hand prefetch, num_stages)
+SWEEP = [(64, 4, 4, 128, True, 1), (64, 4, 2, 128, True, 1), (64, 4, 8, 128, True, 1),
+         (64, 4, 3, None, True, 1), (64, 4, 6, None, True, 1), (128, 4, 4, 128, True, 1),
+         (128, 4, 3, None, True, 1), (128, 8, 2, 128, True, 1), (128, 8, 4, 128, True, 1),
+         (64, 8, 4, 128, True, 1), (64, 4, 4, None, False, 3), (64, 4, 8, None, False, 1)]
 
 
 def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms) -> dict:
@@ -200,26 +201,28 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
     device = q.device.type
     rows = []
     configs = [(*c, "asm") for c in SWEEP] + [(args.block_n, args.num_warps,
-                                               args.programs_per_sm, args.maxnreg, "triton")]
-    for bn, nw, pps, mr, unpack in configs:
+                                               args.programs_per_sm, args.maxnreg, True,
+                                               args.num_stages, "triton")]
+    for bn, nw, pps, mr, pf, ns, unpack in configs:
         os.environ["OSCAR_KV_INT2_UNPACK"] = unpack
         try:
             plan = plan_decode(b, hq, k_bf16.shape[1], d, max_body_len=mixed.int2_slots.shape[1],
                                max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
                                out_dtype=torch.bfloat16, block_n=bn,
                                hp_block_n=args.hp_block_n, num_warps=nw,
-                               num_stages=args.num_stages, programs_per_sm=pps, maxnreg=mr)
+                               num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
             fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
                                                     plan=plan, backend="triton")
             err = rel_err(fn(), want.float())
             ms = bench(fn, device, args.graph, 1)
             rows.append({"block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-                         "maxnreg": mr, "unpack": unpack, "int2_splits": plan.int2_splits,
+                         "maxnreg": mr, "prefetch": pf, "num_stages": ns, "unpack": unpack,
+                         "int2_splits": plan.int2_splits,
                          "hp_splits": plan.hp_splits, "ms": ms, "rel_err_vs_default": err,
                          "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms})
         except Exception as e:  # noqa: BLE001 - report and keep sweeping
             rows.append({"block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-                         "maxnreg": mr, "unpack": unpack,
+                         "maxnreg": mr, "prefetch": pf, "num_stages": ns, "unpack": unpack,
                          "error": f"{type(e).__name__}: {e}"[:300]})
         finally:
             os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
@@ -229,6 +232,7 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
     if best:
         print(f"    sweep best: BLOCK_N={best['block_n']} warps={best['num_warps']} "
               f"pps={best['programs_per_sm']} maxnreg={best['maxnreg']} "
+              f"prefetch={best['prefetch']} stages={best['num_stages']} "
               f"splits={best['int2_splits']}+{best['hp_splits']} "
               f"unpack={best['unpack']} {best['ms']:.4f} ms {best['gb_s']:.0f} GB/s "
               f"x{best['x_bf16T']:.2f} vs bf16T", flush=True)

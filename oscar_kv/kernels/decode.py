@@ -52,6 +52,7 @@ class DecodePlan:
     num_warps: int
     num_stages: int
     maxnreg: int | None
+    prefetch: bool
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
     out: torch.Tensor
@@ -83,13 +84,14 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                 hp_splits: int | None = None, block_n: int = 64, hp_block_n: int = 64,
                 num_warps: int = 4, num_stages: int = 1, num_sms: int | None = None,
                 programs_per_sm: int = PROGRAMS_PER_SM,
-                maxnreg: int | None = MAXNREG) -> DecodePlan:
+                maxnreg: int | None = MAXNREG, prefetch: bool = True) -> DecodePlan:
     """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
     ~programs_per_sm resident programs per SM (the INT2 stage is latency bound: it needs many
     tiles in flight), each taking at least two tiles; allocate the scratch.
     max_body_len / max_hp_len: the slot tables' widths (upper bounds). maxnreg caps the
     stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
-    compiler's choice, ~168 -> 3 per SM)."""
+    compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
+    double buffer (True) or a plain loop left to Triton's pipeliner (num_stages)."""
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
@@ -106,7 +108,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     shape = (batch_size, num_q_heads, head_dim)
     return DecodePlan(
         batch_size, num_q_heads, num_kv_heads, head_dim, int2_splits, hp_splits, block_n,
-        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages, maxnreg,
+        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages, maxnreg, prefetch,
         torch.empty(batch_size, num_q_heads, total, head_dim, **f32),
         torch.full((batch_size, num_q_heads, total), float("-inf"), **f32),
         torch.empty(shape, device=device, dtype=out_dtype),
@@ -248,7 +250,7 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
             GQA=g, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, HP_BLOCK_N=plan.hp_block_n, D=d,
             GROUP=k_int2.spec.group_size,
             IDX64=_needs_int64(kp.packed, kp.scale, vp.packed, vp.scale),
-            HAS_INT2=has_int2, HAS_HP=has_hp, num_warps=plan.num_warps,
+            HAS_INT2=has_int2, HAS_HP=has_hp, PREFETCH=plan.prefetch, num_warps=plan.num_warps,
             num_stages=plan.num_stages, **cfg, **launch)
     out = plan.out
     _decode_merge_kernel[(b, hq)](

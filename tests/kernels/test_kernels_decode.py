@@ -40,13 +40,16 @@ def _check(case, out, q_rotation=None, factor=2.0):
     return err
 
 
-def test_awkward_lengths_in_one_batch(triton_device):
-    """1, P-1, P, P+R-1, P+R, P+R+1, P+R+F+3 and a long non-multiple of the block."""
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_awkward_lengths_in_one_batch(triton_device, prefetch):
+    """1, P-1, P, P+R-1, P+R, P+R+1, P+R+F+3 and a long non-multiple of the block; with the
+    hand-pipelined INT2 loop and with the plain one."""
     lens = [1, P - 1, P, P + R - 1, P + R, P + R + 1, P + R + 11, 117]
     case = make_decode_case(lens, num_kv_heads=1, gqa=4, head_dim=64, window=WIN,
                             device=triton_device)
     out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
-                           case.tables, plan=_plan(case, int2_splits=3), backend="triton")
+                           case.tables, plan=_plan(case, int2_splits=3, prefetch=prefetch),
+                           backend="triton")
     _check(case, out)
 
 

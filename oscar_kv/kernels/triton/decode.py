@@ -109,6 +109,7 @@ def _int2_part(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr, IDX64: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One (scale, zero) per row (group_size == head_dim), in the code domain:
         logit_t = s_t * (q . (c_t + OFFSET) - (z_t + OFFSET) * sum(q))
@@ -149,62 +150,98 @@ def _int2_part(
     slot_row = slots_ptr + b.to(tl.int64) * stride_tb
     offs = tl.arange(0, BLOCK_N)
 
-    # prologue: slots of tiles 0 and 1, data of tile 0
-    mask_c = start + offs < end
-    slot = tl.load(slot_row + start + offs, mask=mask_c, other=0)
-    slot = slot.to(tl.int64) if IDX64 else slot.to(tl.int32)
-    mask_n1 = start + BLOCK_N + offs < end
-    slot_n = tl.load(slot_row + start + BLOCK_N + offs, mask=mask_n1, other=0)
-    slot_n = slot_n.to(tl.int64) if IDX64 else slot_n.to(tl.int32)
-    kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None], mask=mask_c[None, :],
-                 other=0)
-    vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :], mask=mask_c[:, None],
-                 other=0)
-    ks = tl.load(ks_head + slot * stride_ksn, mask=mask_c, other=0.0)
-    kz = tl.load(kz_head + slot * stride_ksn, mask=mask_c, other=0.0)
-    vs = tl.load(vs_head + slot * stride_vsn, mask=mask_c, other=0.0)
-    vz = tl.load(vz_head + slot * stride_vsn, mask=mask_c, other=0.0)
-    for n0 in range(start, end, BLOCK_N):
-        mask_n = n0 + offs < end
-        # issue the next tile's data and the slot ids two tiles ahead before any math
-        mask_p = n0 + BLOCK_N + offs < end
-        mask_pp = n0 + 2 * BLOCK_N + offs < end
-        slot_nn = tl.load(slot_row + n0 + 2 * BLOCK_N + offs, mask=mask_pp, other=0)
-        slot_nn = slot_nn.to(tl.int64) if IDX64 else slot_nn.to(tl.int32)
-        kb_n = tl.load(kp_head + slot_n[None, :] * stride_kpn + offs_q[:, None],
-                       mask=mask_p[None, :], other=0)
-        vb_n = tl.load(vp_head + slot_n[:, None] * stride_vpn + offs_q[None, :],
-                       mask=mask_p[:, None], other=0)
-        ks_n = tl.load(ks_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
-        kz_n = tl.load(kz_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
-        vs_n = tl.load(vs_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
-        vz_n = tl.load(vz_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
+    if not PREFETCH:  # plain loop: Triton's pipeliner (num_stages) stages the loads
+        for n0 in range(start, end, BLOCK_N):
+            mask_n = n0 + offs < end
+            slot = tl.load(slot_row + n0 + offs, mask=mask_n, other=0)
+            slot = slot.to(tl.int64) if IDX64 else slot.to(tl.int32)
+            kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None],
+                         mask=mask_n[None, :], other=0)
+            vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :],
+                         mask=mask_n[:, None], other=0)
+            ks = tl.load(ks_head + slot * stride_ksn, mask=mask_n, other=0.0)
+            kz = tl.load(kz_head + slot * stride_ksn, mask=mask_n, other=0.0)
+            vs = tl.load(vs_head + slot * stride_vsn, mask=mask_n, other=0.0)
+            vz = tl.load(vz_head + slot * stride_vsn, mask=mask_n, other=0.0)
+            kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, OFFSET)
+            raw = tl.dot(q0, kc0)
+            raw = tl.dot(q1, kc1, raw)
+            raw = tl.dot(q2, kc2, raw)
+            raw = tl.dot(q3, kc3, raw)
+            ksf = ks.to(tl.float32) * qk_scale
+            kzf = kz.to(tl.float32) + OFFSET
+            qk = (raw - qsum[:, None] * kzf[None, :]) * ksf[None, :]
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            lsum = lsum * alpha + tl.sum(p, axis=1)
+            m = m_new
+            w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
+            vzf = vz.to(tl.float32) + OFFSET
+            wz = wz * alpha + tl.sum(w.to(tl.float32) * vzf[None, :], axis=1)
+            vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, OFFSET)
+            acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
+            acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
+            acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
+            acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
+    else:
+        # prologue: slots of tiles 0 and 1, data of tile 0
+        mask_c = start + offs < end
+        slot = tl.load(slot_row + start + offs, mask=mask_c, other=0)
+        slot = slot.to(tl.int64) if IDX64 else slot.to(tl.int32)
+        mask_n1 = start + BLOCK_N + offs < end
+        slot_n = tl.load(slot_row + start + BLOCK_N + offs, mask=mask_n1, other=0)
+        slot_n = slot_n.to(tl.int64) if IDX64 else slot_n.to(tl.int32)
+        kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None], mask=mask_c[None, :],
+                     other=0)
+        vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :], mask=mask_c[:, None],
+                     other=0)
+        ks = tl.load(ks_head + slot * stride_ksn, mask=mask_c, other=0.0)
+        kz = tl.load(kz_head + slot * stride_ksn, mask=mask_c, other=0.0)
+        vs = tl.load(vs_head + slot * stride_vsn, mask=mask_c, other=0.0)
+        vz = tl.load(vz_head + slot * stride_vsn, mask=mask_c, other=0.0)
+        for n0 in range(start, end, BLOCK_N):
+            mask_n = n0 + offs < end
+            # issue the next tile's data and the slot ids two tiles ahead before any math
+            mask_p = n0 + BLOCK_N + offs < end
+            mask_pp = n0 + 2 * BLOCK_N + offs < end
+            slot_nn = tl.load(slot_row + n0 + 2 * BLOCK_N + offs, mask=mask_pp, other=0)
+            slot_nn = slot_nn.to(tl.int64) if IDX64 else slot_nn.to(tl.int32)
+            kb_n = tl.load(kp_head + slot_n[None, :] * stride_kpn + offs_q[:, None],
+                           mask=mask_p[None, :], other=0)
+            vb_n = tl.load(vp_head + slot_n[:, None] * stride_vpn + offs_q[None, :],
+                           mask=mask_p[:, None], other=0)
+            ks_n = tl.load(ks_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
+            kz_n = tl.load(kz_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
+            vs_n = tl.load(vs_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
+            vz_n = tl.load(vz_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
 
-        kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, OFFSET)
-        raw = tl.dot(q0, kc0)
-        raw = tl.dot(q1, kc1, raw)
-        raw = tl.dot(q2, kc2, raw)
-        raw = tl.dot(q3, kc3, raw)
-        ksf = ks.to(tl.float32) * qk_scale
-        kzf = kz.to(tl.float32) + OFFSET
-        qk = (raw - qsum[:, None] * kzf[None, :]) * ksf[None, :]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        m = m_new
-        w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
-        vzf = vz.to(tl.float32) + OFFSET
-        wz = wz * alpha + tl.sum(w.to(tl.float32) * vzf[None, :], axis=1)
-        vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, OFFSET)
-        acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
-        acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
-        acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
-        acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
+            kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, OFFSET)
+            raw = tl.dot(q0, kc0)
+            raw = tl.dot(q1, kc1, raw)
+            raw = tl.dot(q2, kc2, raw)
+            raw = tl.dot(q3, kc3, raw)
+            ksf = ks.to(tl.float32) * qk_scale
+            kzf = kz.to(tl.float32) + OFFSET
+            qk = (raw - qsum[:, None] * kzf[None, :]) * ksf[None, :]
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            lsum = lsum * alpha + tl.sum(p, axis=1)
+            m = m_new
+            w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
+            vzf = vz.to(tl.float32) + OFFSET
+            wz = wz * alpha + tl.sum(w.to(tl.float32) * vzf[None, :], axis=1)
+            vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, OFFSET)
+            acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
+            acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
+            acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
+            acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
 
-        kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
-        slot_n = slot_nn
+            kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
+            slot_n = slot_nn
 
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
@@ -379,7 +416,7 @@ def _decode_stage1_kernel(
     HP_BLOCK_N: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     DOT: tl.constexpr, I2DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr, HAS_INT2: tl.constexpr,
-    HAS_HP: tl.constexpr,
+    HAS_HP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """grid (B, Hkv, int2_splits + hp_splits): programs [0, int2_splits) take pieces of the
     INT2 body, the rest pieces of the BF16 windows (one launch for both tiers).
@@ -398,7 +435,7 @@ def _decode_stage1_kernel(
                            stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn, stride_ksh,
                            stride_vpn, stride_vph, stride_vsn, stride_vsh, stride_tb,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                           GQA, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64)
+                           GQA, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
             else:
                 _int2_group_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
                                  len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh,
