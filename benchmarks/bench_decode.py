@@ -10,8 +10,6 @@ Results go to benchmarks/results/bench_decode-<gpu>-<date>.json with the environ
 
     python benchmarks/bench_decode.py                       # Qwen3-8B geometry, 4K..128K, B 1/8/32
     python benchmarks/bench_decode.py --smoke               # CPU, tiny shapes, Triton interpreter
-    python benchmarks/bench_decode.py --context 4096 32768 131072 --sweep
-                                   # + a small INT2 config sweep per case (best config printed)
 """
 
 from __future__ import annotations
@@ -141,9 +139,7 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     plan = plan_decode(batch, hq, hkv, d, max_body_len=mixed.int2_slots.shape[1],
                        max_hp_len=mixed.bf16_slots.shape[1], device=device,
                        out_dtype=torch.bfloat16, block_n=args.block_n,
-                       hp_block_n=args.hp_block_n, num_warps=args.num_warps,
-                       num_stages=args.num_stages, programs_per_sm=args.programs_per_sm,
-                       maxnreg=args.maxnreg)
+                       hp_block_n=args.hp_block_n, num_warps=args.num_warps)
     plan_bf16 = plan_decode(batch, hq, hkv, d, max_body_len=0, max_hp_len=ctx, device=device,
                             out_dtype=torch.bfloat16, hp_block_n=args.hp_block_n,
                             num_warps=args.num_warps)
@@ -180,65 +176,7 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
                      "pct_peak": 100 * gbs / args.peak_gbs}
     res["speedup_vs_bf16_triton"] = res["bf16_triton"]["ms"] / res["int2"]["ms"]
     res["speedup_vs_sdpa"] = res["sdpa"]["ms"] / res["int2"]["ms"]
-    if args.sweep:
-        res["sweep"] = sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, ours(), n_ours,
-                             res["bf16_triton"]["ms"])
     return res
-
-
-# (BLOCK_N, num_warps, programs per SM, maxnreg, hand prefetch, num_stages)
-SWEEP = [(64, 4, 4, 128, True, 1), (64, 4, 2, 128, True, 1), (64, 4, 8, 128, True, 1),
-         (64, 4, 3, None, True, 1), (64, 4, 6, None, True, 1), (128, 4, 4, 128, True, 1),
-         (128, 4, 3, None, True, 1), (128, 8, 2, 128, True, 1), (128, 8, 4, 128, True, 1),
-         (64, 8, 4, 128, True, 1), (64, 4, 4, None, False, 3), (64, 4, 8, None, False, 1)]
-
-
-def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms) -> dict:
-    """Time the INT2 decode over SWEEP (BLOCK_N, num_warps, programs per SM -> splits,
-    register cap), plus the plain-Triton code unpack at the command line's config; outputs
-    must match the default's."""
-    b, hq, d = q.shape
-    device = q.device.type
-    rows = []
-    configs = [(*c, "asm") for c in SWEEP] + [(args.block_n, args.num_warps,
-                                               args.programs_per_sm, args.maxnreg, True,
-                                               args.num_stages, "triton")]
-    for bn, nw, pps, mr, pf, ns, unpack in configs:
-        os.environ["OSCAR_KV_INT2_UNPACK"] = unpack
-        try:
-            plan = plan_decode(b, hq, k_bf16.shape[1], d, max_body_len=mixed.int2_slots.shape[1],
-                               max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
-                               out_dtype=torch.bfloat16, block_n=bn,
-                               hp_block_n=args.hp_block_n, num_warps=nw,
-                               num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
-            fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
-                                                    plan=plan, backend="triton")
-            err = rel_err(fn(), want.float())
-            ms = bench(fn, device, args.graph, 1)
-            rows.append({"block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-                         "maxnreg": mr, "prefetch": pf, "num_stages": ns, "unpack": unpack,
-                         "int2_splits": plan.int2_splits,
-                         "hp_splits": plan.hp_splits, "ms": ms, "rel_err_vs_default": err,
-                         "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms})
-        except Exception as e:  # noqa: BLE001 - report and keep sweeping
-            rows.append({"block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-                         "maxnreg": mr, "prefetch": pf, "num_stages": ns, "unpack": unpack,
-                         "error": f"{type(e).__name__}: {e}"[:300]})
-        finally:
-            os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
-    ok = [r for r in rows if "ms" in r and r["rel_err_vs_default"] < 1e-2]
-    best = min(ok, key=lambda r: r["ms"]) if ok else None
-    bad = [r for r in rows if "ms" not in r or r["rel_err_vs_default"] >= 1e-2]
-    if best:
-        print(f"    sweep best: BLOCK_N={best['block_n']} warps={best['num_warps']} "
-              f"pps={best['programs_per_sm']} maxnreg={best['maxnreg']} "
-              f"prefetch={best['prefetch']} stages={best['num_stages']} "
-              f"splits={best['int2_splits']}+{best['hp_splits']} "
-              f"unpack={best['unpack']} {best['ms']:.4f} ms {best['gb_s']:.0f} GB/s "
-              f"x{best['x_bf16T']:.2f} vs bf16T", flush=True)
-    for r in bad:
-        print(f"    sweep FAILED: {r}", flush=True)
-    return {"best": best, "rows": rows}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -257,13 +195,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--hp-block-n", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--num-stages", type=int, default=1)
-    ap.add_argument("--programs-per-sm", type=int, default=4,
-                    help="split heuristic: resident stage-1 programs per SM to aim for")
-    ap.add_argument("--maxnreg", type=int, default=128,
-                    help="stage-1 register cap per thread (0: the compiler's choice)")
-    ap.add_argument("--sweep", action="store_true",
-                    help="also time a small INT2 config sweep per case and print the best")
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="H200 HBM3e: 4.8 TB/s")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
@@ -274,7 +205,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU through the Triton interpreter (CI)")
     args = ap.parse_args(argv)
-    args.maxnreg = args.maxnreg or None
     if args.smoke:
         args.batch, args.context = [2], [45, 133]
         args.num_q_heads, args.num_kv_heads, args.head_dim = 4, 2, 64

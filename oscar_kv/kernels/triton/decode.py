@@ -1,21 +1,17 @@
 """Triton bodies of split-K decode attention over an INT2 body + BF16 windows.
 
-Stage 1 (one launch for both tiers): grid (B, Hkv, int2_splits + hp_splits). A program owns
-one KV head and all g query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and
-masked), so the head mapping is right for every GQA ratio. It takes a contiguous piece of the
-sequence's INT2 or BF16 slot list, runs an online softmax in base 2 and writes its normalised
-partial output and log2-sum-exp to the split's row of the scratch (lse = -inf for an empty
-piece, so no fill is needed). Stage 2 merges all splits of both tiers by log-sum-exp: one
-softmax over all keys.
+Stage 1 (one launch per tier): grid (B, Hkv, splits). A program owns one KV head and all g
+query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and masked), so the head
+mapping is right for every GQA ratio. It takes a contiguous piece of the sequence's slot
+list, runs an online softmax in base 2 and writes its normalised partial output and
+log2-sum-exp to the split's row of the scratch (lse = -inf for an empty piece, so no fill is
+needed). Stage 2 merges all splits of both tiers by log-sum-exp: one softmax over all keys.
 
-INT2, one (scale, zero) per row (group_size == head_dim, the default): the code domain. A
-packed byte holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter
-vector; the codes become exact bf16 tensor-core operands (built from their bits) and
-    logit_t = s_t (q . c_t - z_t sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,  w_t = p_t s_t
-so nothing is dequantized per element. Loads are software-pipelined by hand (slot ids two
-tiles ahead, codes and metadata one tile ahead). Smaller groups dequantize in registers.
-Dot operands are bf16 on a GPU (fp32 accumulation); the interpreter (whose bf16 dot is wrong)
-uses fp32, optionally rounded to bf16 first (EMU) to reproduce the GPU's numerics.
+INT2 tiles are dequantized in registers: a packed byte holds dims j, j+D/4, j+D/2, j+3D/4,
+so each of the four 2-bit fields is a contiguous quarter-vector that is dotted with the
+matching quarter of q (K) or accumulated into its own quarter of the output (V).
+DOT is the dtype fed to tl.dot (bf16 on a GPU, fp32 under the interpreter, whose bf16 dot is
+wrong); accumulation is always fp32.
 """
 
 from __future__ import annotations
@@ -34,91 +30,26 @@ def _split_range(len_ptr, b, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> fp32 holding bf16(x), round to nearest even (the interpreter's cast truncates)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _operand(x, DOT: tl.constexpr, EMU: tl.constexpr):
-    """A tl.dot operand: bf16 on a GPU; under the interpreter fp32, rounded to bf16 first when
-    EMU (so the interpreter reproduces the GPU's bf16-operand numerics exactly)."""
-    if EMU:
-        return _round_bf16(x.to(tl.float32))
-    else:
-        return x.to(DOT)
-
-
-_UNPACK_ASM = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3;
-    and.b32 t0, $8, 0x03030303;
-    shr.u32 t1, $8, 2;
-    and.b32 t1, t1, 0x03030303;
-    shr.u32 t2, $8, 4;
-    and.b32 t2, t2, 0x03030303;
-    shr.u32 t3, $8, 6;
-    and.b32 t3, t3, 0x03030303;
-    prmt.b32 $0, t0, 0x43434343, 0x5140;
-    prmt.b32 $1, t0, 0x43434343, 0x7362;
-    prmt.b32 $2, t1, 0x43434343, 0x5140;
-    prmt.b32 $3, t1, 0x43434343, 0x7362;
-    prmt.b32 $4, t2, 0x43434343, 0x5140;
-    prmt.b32 $5, t2, 0x43434343, 0x7362;
-    prmt.b32 $6, t3, 0x43434343, 0x5140;
-    prmt.b32 $7, t3, 0x43434343, 0x7362;
-    }""")
-
-
-@triton.jit
-def _unpack4(word, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
-    """Packed bytes -> the four quarter tensors OFFSET + code (exact), one per 2-bit field.
-
-    GPU: bf16 built from its bits, 0x4300 | c == bf16(128 + c), no int->float conversion.
-    MAGIC 2 (default): one inline asm over 4 packed bytes per register (shift, and and 2 PRMT
-    per quarter: ~1 instruction per element); MAGIC 1: the same bits in plain Triton.
-    Interpreter (MAGIC 0): fp32 arithmetic (OFFSET 0, or 128 to emulate the GPU)."""
-    if MAGIC == 1:  # fallback: the same bits, built per element
-        c0 = ((word & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        c1 = (((word >> 2) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        c2 = (((word >> 4) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        c3 = (((word >> 6) & 3).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-        return c0, c1, c2, c3
-    elif MAGIC == 2:
-        return tl.inline_asm_elementwise(
-            _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        c0 = (word & 3).to(tl.float32) + OFFSET
-        c1 = ((word >> 2) & 3).to(tl.float32) + OFFSET
-        c2 = ((word >> 4) & 3).to(tl.float32) + OFFSET
-        c3 = ((word >> 6) & 3).to(tl.float32) + OFFSET
-        return c0, c1, c2, c3
-
-
-@triton.jit
-def _int2_part(
+def _decode_int2_stage1_kernel(
     q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
     mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, b, kvh, split,
+    qk_scale, num_splits, split_offset,
     stride_qb, stride_qh,
     stride_kpn, stride_kph, stride_ksn, stride_ksh,
     stride_vpn, stride_vph, stride_vsn, stride_vsh,
     stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr, IDX64: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (scale, zero) per row (group_size == head_dim), in the code domain:
-        logit_t = s_t * (q . (c_t + OFFSET) - (z_t + OFFSET) * sum(q))
-        o       = sum_t w_t (c_t + OFFSET) - sum_t w_t (z_t + OFFSET),   w_t = p_t * s_t
-    with the codes c_t exact bf16 operands of tensor-core dots (fp32 accumulation), so there is
-    no per-element dequantisation. Loads are software-pipelined by hand: slot ids two tiles
-    ahead, packed codes and metadata one tile ahead (register double buffer)."""
+    """q [B, Hq, D]; packed [S, Hkv, D/4]; scale/zero [S, Hkv, D/GROUP] (K pair and V pair
+    each share strides); slots [B, max_body]; len [B]; mid_o fp32 [B, Hq, splits, D];
+    mid_lse fp32 [B, Hq, splits]. qk_scale = sm_scale * log2(e)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     D4: tl.constexpr = D // 4
-    OFFSET: tl.constexpr = 128.0 if (MAGIC > 0 or EMU) else 0.0
+    ONE_GROUP: tl.constexpr = GROUP >= D
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -126,165 +57,10 @@ def _int2_part(
     heads = kvh * GQA + offs_h
     offs_q = tl.arange(0, D4)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    # sum of the operand q (as rounded for the dot), so the zero term cancels exactly
-    qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
-            + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
-
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    lsum = tl.zeros([BLOCK_H], tl.float32)
-    wz = tl.zeros([BLOCK_H], tl.float32)
-    acc0 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, D4], tl.float32)
-    kp_head = kp_ptr + kvh * stride_kph
-    ks_head = ks_ptr + kvh * stride_ksh
-    kz_head = kz_ptr + kvh * stride_ksh
-    vp_head = vp_ptr + kvh * stride_vph
-    vs_head = vs_ptr + kvh * stride_vsh
-    vz_head = vz_ptr + kvh * stride_vsh
-    slot_row = slots_ptr + b.to(tl.int64) * stride_tb
-    offs = tl.arange(0, BLOCK_N)
-
-    if not PREFETCH:  # plain loop: Triton's pipeliner (num_stages) stages the loads
-        for n0 in range(start, end, BLOCK_N):
-            mask_n = n0 + offs < end
-            slot = tl.load(slot_row + n0 + offs, mask=mask_n, other=0)
-            slot = slot.to(tl.int64) if IDX64 else slot.to(tl.int32)
-            kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None],
-                         mask=mask_n[None, :], other=0)
-            vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :],
-                         mask=mask_n[:, None], other=0)
-            ks = tl.load(ks_head + slot * stride_ksn, mask=mask_n, other=0.0)
-            kz = tl.load(kz_head + slot * stride_ksn, mask=mask_n, other=0.0)
-            vs = tl.load(vs_head + slot * stride_vsn, mask=mask_n, other=0.0)
-            vz = tl.load(vz_head + slot * stride_vsn, mask=mask_n, other=0.0)
-            kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, OFFSET)
-            raw = tl.dot(q0, kc0)
-            raw = tl.dot(q1, kc1, raw)
-            raw = tl.dot(q2, kc2, raw)
-            raw = tl.dot(q3, kc3, raw)
-            ksf = ks.to(tl.float32) * qk_scale
-            kzf = kz.to(tl.float32) + OFFSET
-            qk = (raw - qsum[:, None] * kzf[None, :]) * ksf[None, :]
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            lsum = lsum * alpha + tl.sum(p, axis=1)
-            m = m_new
-            w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
-            vzf = vz.to(tl.float32) + OFFSET
-            wz = wz * alpha + tl.sum(w.to(tl.float32) * vzf[None, :], axis=1)
-            vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, OFFSET)
-            acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
-            acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
-            acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
-            acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
-    else:
-        # prologue: slots of tiles 0 and 1, data of tile 0
-        mask_c = start + offs < end
-        slot = tl.load(slot_row + start + offs, mask=mask_c, other=0)
-        slot = slot.to(tl.int64) if IDX64 else slot.to(tl.int32)
-        mask_n1 = start + BLOCK_N + offs < end
-        slot_n = tl.load(slot_row + start + BLOCK_N + offs, mask=mask_n1, other=0)
-        slot_n = slot_n.to(tl.int64) if IDX64 else slot_n.to(tl.int32)
-        kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None], mask=mask_c[None, :],
-                     other=0)
-        vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :], mask=mask_c[:, None],
-                     other=0)
-        ks = tl.load(ks_head + slot * stride_ksn, mask=mask_c, other=0.0)
-        kz = tl.load(kz_head + slot * stride_ksn, mask=mask_c, other=0.0)
-        vs = tl.load(vs_head + slot * stride_vsn, mask=mask_c, other=0.0)
-        vz = tl.load(vz_head + slot * stride_vsn, mask=mask_c, other=0.0)
-        for n0 in range(start, end, BLOCK_N):
-            mask_n = n0 + offs < end
-            # issue the next tile's data and the slot ids two tiles ahead before any math
-            mask_p = n0 + BLOCK_N + offs < end
-            mask_pp = n0 + 2 * BLOCK_N + offs < end
-            slot_nn = tl.load(slot_row + n0 + 2 * BLOCK_N + offs, mask=mask_pp, other=0)
-            slot_nn = slot_nn.to(tl.int64) if IDX64 else slot_nn.to(tl.int32)
-            kb_n = tl.load(kp_head + slot_n[None, :] * stride_kpn + offs_q[:, None],
-                           mask=mask_p[None, :], other=0)
-            vb_n = tl.load(vp_head + slot_n[:, None] * stride_vpn + offs_q[None, :],
-                           mask=mask_p[:, None], other=0)
-            ks_n = tl.load(ks_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
-            kz_n = tl.load(kz_head + slot_n * stride_ksn, mask=mask_p, other=0.0)
-            vs_n = tl.load(vs_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
-            vz_n = tl.load(vz_head + slot_n * stride_vsn, mask=mask_p, other=0.0)
-
-            kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, OFFSET)
-            raw = tl.dot(q0, kc0)
-            raw = tl.dot(q1, kc1, raw)
-            raw = tl.dot(q2, kc2, raw)
-            raw = tl.dot(q3, kc3, raw)
-            ksf = ks.to(tl.float32) * qk_scale
-            kzf = kz.to(tl.float32) + OFFSET
-            qk = (raw - qsum[:, None] * kzf[None, :]) * ksf[None, :]
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            lsum = lsum * alpha + tl.sum(p, axis=1)
-            m = m_new
-            w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
-            vzf = vz.to(tl.float32) + OFFSET
-            wz = wz * alpha + tl.sum(w.to(tl.float32) * vzf[None, :], axis=1)
-            vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, OFFSET)
-            acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
-            acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
-            acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
-            acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
-
-            kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
-            slot_n = slot_nn
-
-    has = lsum > 0.0
-    inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
-    lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
-    o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + split * stride_os + offs_q[None, :])
-    mask_o = mask_h[:, None]
-    wzc = wz[:, None]
-    tl.store(o_row, (acc0 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=mask_o)
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
-
-
-@triton.jit
-def _int2_group_part(
-    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
-    mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, b, kvh, split,
-    stride_qb, stride_qh,
-    stride_kpn, stride_kph, stride_ksn, stride_ksh,
-    stride_vpn, stride_vph, stride_vsn, stride_vsh,
-    stride_tb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    GROUP: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr,
-):
-    """Several (scale, zero) groups per row: tiles are dequantized in registers (a packed byte
-    holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter-vector
-    dotted with the matching quarter of q (K) or accumulated into its quarter of o (V))."""
-    D4: tl.constexpr = D // 4
-    start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    mask_h = offs_h < GQA
-    heads = kvh * GQA + offs_h
-    offs_q = tl.arange(0, D4)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q0 = tl.load(q_row, mask=mask_h[:, None], other=0.0).to(DOT)
+    q1 = tl.load(q_row + D4, mask=mask_h[:, None], other=0.0).to(DOT)
+    q2 = tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0).to(DOT)
+    q3 = tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0).to(DOT)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -300,77 +76,94 @@ def _int2_group_part(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
+        # K^T tile [D4, BLOCK_N], four quarters from one byte load
         kb = tl.load(kp_ptr + slot[None, :] * stride_kpn + k_head + offs_q[:, None],
                      mask=mask_n[None, :], other=0)
-        vb = tl.load(vp_ptr + slot[:, None] * stride_vpn + v_head + offs_q[None, :],
-                     mask=mask_n[:, None], other=0)
+        if ONE_GROUP:  # one (scale, zero) per row: load once per tile
+            ks = tl.load(ks_ptr + slot * stride_ksn + ks_head, mask=mask_n, other=0.0)
+            kz = tl.load(kz_ptr + slot * stride_ksn + ks_head, mask=mask_n, other=0.0)
+            ks = ks.to(tl.float32)[None, :]
+            kz = kz.to(tl.float32)[None, :]
         qk = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for i in tl.static_range(4):
-            moff = slot[None, :] * stride_ksn + ks_head + ((i * D4 + offs_q) // GROUP)[:, None]
-            ks = tl.load(ks_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            kz = tl.load(kz_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            k_i = _operand(((((kb >> (2 * i)) & 3).to(tl.float32) - kz) * ks), DOT, EMU)
+            if not ONE_GROUP:
+                moff = slot[None, :] * stride_ksn + ks_head + ((i * D4 + offs_q) // GROUP)[:, None]
+                ks = tl.load(ks_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                kz = tl.load(kz_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            k_i = ((((kb >> (2 * i)) & 3).to(tl.float32) - kz) * ks).to(DOT)
             if i == 0:
-                qk = tl.dot(q0, k_i, qk)
+                qk = tl.dot(q0, k_i, qk, input_precision=PRECISION)
             elif i == 1:
-                qk = tl.dot(q1, k_i, qk)
+                qk = tl.dot(q1, k_i, qk, input_precision=PRECISION)
             elif i == 2:
-                qk = tl.dot(q2, k_i, qk)
+                qk = tl.dot(q2, k_i, qk, input_precision=PRECISION)
             else:
-                qk = tl.dot(q3, k_i, qk)
+                qk = tl.dot(q3, k_i, qk, input_precision=PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(qk - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
         m = m_new
-        pd = _operand(p, DOT, EMU)
+        pd = p.to(DOT)
+        vb = tl.load(vp_ptr + slot[:, None] * stride_vpn + v_head + offs_q[None, :],
+                     mask=mask_n[:, None], other=0)
+        if ONE_GROUP:
+            vs = tl.load(vs_ptr + slot * stride_vsn + vs_head, mask=mask_n, other=0.0)
+            vz = tl.load(vz_ptr + slot * stride_vsn + vs_head, mask=mask_n, other=0.0)
+            vs = vs.to(tl.float32)[:, None]
+            vz = vz.to(tl.float32)[:, None]
         for i in tl.static_range(4):
-            moff = slot[:, None] * stride_vsn + vs_head + ((i * D4 + offs_q) // GROUP)[None, :]
-            vs = tl.load(vs_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
-            v_i = _operand(((((vb >> (2 * i)) & 3).to(tl.float32) - vz) * vs), DOT, EMU)
+            if not ONE_GROUP:
+                moff = slot[:, None] * stride_vsn + vs_head + ((i * D4 + offs_q) // GROUP)[None, :]
+                vs = tl.load(vs_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(vz_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
+            v_i = ((((vb >> (2 * i)) & 3).to(tl.float32) - vz) * vs).to(DOT)
             if i == 0:
-                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None])
+                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None], input_precision=PRECISION)
             elif i == 1:
-                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None])
+                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None], input_precision=PRECISION)
             elif i == 2:
-                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None])
+                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None], input_precision=PRECISION)
             else:
-                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None])
+                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None], input_precision=PRECISION)
 
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
+    sidx = split_offset + split
     o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + split * stride_os + offs_q[None, :])
+             + sidx * stride_os + offs_q[None, :])
     mask_o = mask_h[:, None]
     tl.store(o_row, acc0 * inv, mask=mask_o)
     tl.store(o_row + D4, acc1 * inv, mask=mask_o)
     tl.store(o_row + 2 * D4, acc2 * inv, mask=mask_o)
     tl.store(o_row + 3 * D4, acc3 * inv, mask=mask_o)
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + sidx, lse, mask=mask_h)
 
 
 @triton.jit
-def _bf16_part(
+def _decode_bf16_stage1_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, len_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, b, kvh, split, sidx,
+    qk_scale, num_splits, split_offset,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DOT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Split `split` of `num_splits` of a BF16 store k, v [S2, Hkv, D] (sink + recent, or a
-    whole BF16 cache for the baseline), written to scratch split `sidx`."""
+    """Same contract as the INT2 stage over a BF16 store k, v [S2, Hkv, D] (sink + recent,
+    or a whole BF16 cache for the baseline)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < GQA
     heads = kvh * GQA + offs_h
     offs_d = tl.arange(0, D)
-    q = _operand(tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-                         + offs_d[None, :], mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(DOT)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -379,10 +172,8 @@ def _bf16_part(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = _operand(tl.load(k_ptr + slot[None, :] * stride_kn + kvh * stride_kh
-                             + offs_d[:, None], mask=mask_n[None, :], other=0.0), DOT, EMU)
-        v = _operand(tl.load(v_ptr + slot[:, None] * stride_vn + kvh * stride_vh
-                             + offs_d[None, :], mask=mask_n[:, None], other=0.0), DOT, EMU)
+        k = tl.load(k_ptr + slot[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :], other=0.0).to(DOT)
         qk = tl.dot(q, k, input_precision=PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, axis=1))
@@ -390,66 +181,17 @@ def _bf16_part(
         p = tl.exp2(qk - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
         m = m_new
-        acc = tl.dot(_operand(p, DOT, EMU), v, acc * alpha[:, None], input_precision=PRECISION)
+        v = tl.load(v_ptr + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0).to(DOT)
+        acc = tl.dot(p.to(DOT), v, acc * alpha[:, None], input_precision=PRECISION)
 
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
+    sidx = split_offset + split
     tl.store(mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
              + sidx * stride_os + offs_d[None, :], acc * inv, mask=mask_h[:, None])
     tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + sidx, lse, mask=mask_h)
-
-
-@triton.jit
-def _decode_stage1_kernel(
-    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
-    k_ptr, v_ptr, hslots_ptr, hlen_ptr,
-    mid_o_ptr, mid_lse_ptr,
-    qk_scale, int2_splits, hp_splits,
-    stride_qb, stride_qh,
-    stride_kpn, stride_kph, stride_ksn, stride_ksh,
-    stride_vpn, stride_vph, stride_vsn, stride_vsh,
-    stride_tb,
-    stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HP_BLOCK_N: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-    DOT: tl.constexpr, I2DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
-    IDX64: tl.constexpr, PRECISION: tl.constexpr, HAS_INT2: tl.constexpr,
-    HAS_HP: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """grid (B, Hkv, int2_splits + hp_splits): programs [0, int2_splits) take pieces of the
-    INT2 body, the rest pieces of the BF16 windows (one launch for both tiers).
-    q [B, Hq, D]; packed [S, Hkv, D/4]; scale/zero [S, Hkv, D/GROUP] (the K pair and the V
-    pair each share strides); slots [B, max_body]; len [B]; k, v [S2, Hkv, D];
-    hslots [B, max_hp]; hlen [B]; mid_o fp32 [B, Hq, splits, D]; mid_lse fp32 [B, Hq, splits].
-    qk_scale = sm_scale * log2(e)."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    if HAS_INT2:  # int2_splits is 0 when the INT2 tier is absent
-        if split < int2_splits:
-            if GROUP >= D:
-                _int2_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
-                           len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh, split,
-                           stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn, stride_ksh,
-                           stride_vpn, stride_vph, stride_vsn, stride_vsh, stride_tb,
-                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                           GQA, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
-            else:
-                _int2_group_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
-                                 len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh,
-                                 split, stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn,
-                                 stride_ksh, stride_vpn, stride_vph, stride_vsn, stride_vsh,
-                                 stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                                 GQA, BLOCK_H, BLOCK_N, D, GROUP, DOT, EMU)
-    if HAS_HP:
-        if split >= int2_splits:
-            _bf16_part(q_ptr, k_ptr, v_ptr, hslots_ptr, hlen_ptr, mid_o_ptr, mid_lse_ptr,
-                       qk_scale, hp_splits, b, kvh, split - int2_splits, split,
-                       stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
-                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                       GQA, BLOCK_H, HP_BLOCK_N, D, DOT, EMU, PRECISION)
 
 
 @triton.jit
