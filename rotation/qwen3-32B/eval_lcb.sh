@@ -1,14 +1,6 @@
 #!/usr/bin/env bash
 # Phase 3: LiveCodeBench v6 (32K generation) with one method's server.
+# The phase itself is shared: rotation/phases/eval_lcb.sh (this folder's vars.sh sets the model).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=/dev/null
-source "$HERE/vars.sh"
-# shellcheck source=/dev/null
-source "$HERE/../common.sh"
-exec "$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL" --method "$METHOD" \
-  --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" --k-clip "$K_CLIP" --v-clip "$V_CLIP" \
-  --absorb-v "$ABSORB_V" --group-size "$GROUP_SIZE" --reasoning-parser "$REASONING_PARSER" \
-  --server-args "$SERVER_ARGS" --health-timeout "$HEALTH_TIMEOUT" --task lcb \
-  --n "$N_REPEATS" --workers "$WORKERS" --model-label "$(basename "$MODEL_DIR")" \
-  --out "$RUN_DIR/_eval_$METHOD"
+exec bash "$HERE/../phases/eval_lcb.sh" "$HERE" "$@"

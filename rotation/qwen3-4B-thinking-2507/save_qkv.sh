@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # Phase 1: stream calibration statistics (HF capture) into $STATS_DIR.
 # MODEL_PATH must be a local snapshot of $MODEL (e.g. from `huggingface-cli download`).
+# The phase itself is shared: rotation/phases/save_qkv.sh (this folder's vars.sh sets the model).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=/dev/null
-source "$HERE/vars.sh"
-# shellcheck source=/dev/null
-source "$HERE/../common.sh"
-require_hf_capture
-require_calib_data
-exec "$PYTHON" -m oscar_kv calibrate --model "$MODEL_PATH" --data "$CALIB_DATA" --gpqa \
-  --max-tokens "$CALIB_TOKENS" --seq-len "$SEQ_LEN" --dtype bfloat16 --device cuda \
-  --out "$STATS_DIR"
+exec bash "$HERE/../phases/save_qkv.sh" "$HERE" "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Phase 2: fit R_K/R_V (qqt_sst, r_h_pbr) and clip ratios from $STATS_DIR into $ROT_DIR.
+# For the naive/hadamard baselines run with FIT_METHOD=identity or FIT_METHOD=hadamard.
+set -euo pipefail
+# $1 = the model folder (rotation/<model>) whose vars.sh to use.
+HERE=$(cd "${1:?usage: phases/compute_rotation.sh rotation/<model>}" && pwd)
+# shellcheck source=/dev/null
+source "$HERE/vars.sh"
+# shellcheck source=/dev/null
+source "$HERE/../common.sh"
+FIT_METHOD=${FIT_METHOD:-qqt_sst}
+exec "$PYTHON" -m oscar_kv fit --stats "$STATS_DIR" --out "$ROT_DIR" --method "$FIT_METHOD" \
+  --group-size "$GROUP_SIZE"
