@@ -15,12 +15,9 @@ the reference first. JSON goes to benchmarks/results/bench_write-<gpu>-<date>.js
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # CPU through the interpreter; must precede any Triton import
@@ -31,47 +28,10 @@ import torch  # noqa: E402
 from oscar_kv.config import QuantSpec  # noqa: E402
 from oscar_kv.kernels import Int2Store, write_bf16, write_int2  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import bench, environment  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment(device: str) -> dict:
-    """GPU name, versions and date for the JSON record."""
-    import triton
-
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda, "host": platform.node(),
-           "device": "cpu (Triton interpreter)"}
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        env |= {"device": p.name, "sm_count": p.multi_processor_count,
-                "capability": f"{p.major}.{p.minor}"}
-    return env
-
-
-def bench(fn, device: str, graph: bool, reps: int) -> float:
-    """Median milliseconds per call of fn (CUDA graph replay on a GPU)."""
-    fn()
-    if device != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e3
-    import triton
-
-    torch.cuda.synchronize()
-    run = fn
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
 def run_case(args, n: int, device: str, gen: torch.Generator) -> dict:
