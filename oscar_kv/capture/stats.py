@@ -263,29 +263,39 @@ def save_stats(out_dir: str | os.PathLike, stats: dict, holdout: dict | None = N
     return out
 
 
-def load_stats(stats_dir: str | os.PathLike) -> dict:
-    """Load ``STATS_DIR/stats.pt`` (weights_only) and check its format tag."""
-    path = Path(stats_dir) / STATS_FILE
+CALIBRATE_HINT = "run `python -m oscar_kv calibrate --model MODEL --out STATS_DIR` first"
+
+
+def _read(path: Path, what: str) -> dict:
+    """torch.load(weights_only) of one calibration file, with one-sentence errors."""
     if not path.is_file():
-        raise OscarError(f"no calibration statistics at {path}; run `python -m oscar_kv "
-                         f"calibrate` first")
-    stats = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
-        raise OscarError(f"{path} is not an oscar-kv statistics file; re-run `python -m "
-                         f"oscar_kv calibrate`")
+        raise OscarError(f"{what} {path} does not exist; {CALIBRATE_HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: say which one
+        raise OscarError(f"{what} {path} cannot be read ({type(e).__name__}: {e}); "
+                         f"{CALIBRATE_HINT}") from None
+    if not isinstance(obj, dict):
+        raise OscarError(f"{what} {path} is not a dict; {CALIBRATE_HINT}")
+    return obj
+
+
+def load_stats(stats_dir: str | os.PathLike) -> dict:
+    """Load ``STATS_DIR/stats.pt`` (weights_only) and check its format tag and version."""
+    path = Path(stats_dir) / STATS_FILE
+    stats = _read(path, "statistics file")
+    if stats.get("format") != STATS_FORMAT:
+        raise OscarError(f"{path} is not an oscar-kv statistics file; {CALIBRATE_HINT}")
     if stats.get("version") != STATS_VERSION:
         raise OscarError(f"{path} has statistics version {stats.get('version')}, expected "
-                         f"{STATS_VERSION}; re-run `python -m oscar_kv calibrate`")
+                         f"{STATS_VERSION}; {CALIBRATE_HINT}")
     return stats
 
 
 def load_holdout(stats_dir: str | os.PathLike) -> dict:
-    """Load ``STATS_DIR/holdout.pt``: {"q"|"k"|"v": {layer: bf16 [S_h, T, heads, D]}}."""
-    path = Path(stats_dir) / HOLDOUT_FILE
-    if not path.is_file():
-        raise OscarError(f"no held-out calibration data at {path}; run `python -m oscar_kv "
-                         f"calibrate` with at least one holdout sequence")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load ``STATS_DIR/holdout.pt``: {"q"|"k"|"v": {layer: bf16 [S_h, T, heads, D]},
+    "ids": int64 [S_h, T]} (calibrate with at least one holdout sequence)."""
+    return _read(Path(stats_dir) / HOLDOUT_FILE, "holdout file")
 
 
 class HoldoutCollector:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from oscar_kv.capture.stats import CALIBRATE_HINT, load_holdout
+from oscar_kv.capture.stats import load_stats as read_stats
 from oscar_kv.config import ModelGeometry, QuantSpec, WindowSpec
 from oscar_kv.errors import OscarError
 from oscar_kv.fit.checkpoint import (
@@ -31,29 +33,13 @@ from oscar_kv.fit.compose import (
 )
 from oscar_kv.fit.estimators import ESTIMATORS, layer_covariance, parse_method
 
-CALIBRATE_HINT = "run `python -m oscar_kv calibrate --model MODEL --out STATS_DIR` first"
 REPORT_NAME = "fit_report.json"
-
-
-def _load(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise OscarError(f"{what} {path} does not exist; {CALIBRATE_HINT}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file: say which one
-        raise OscarError(f"{what} {path} cannot be read ({type(e).__name__}: {e}); "
-                         f"{CALIBRATE_HINT}") from None
-    if not isinstance(obj, dict):
-        raise OscarError(f"{what} {path} is not a dict; {CALIBRATE_HINT}")
-    return obj
 
 
 def load_stats(stats_dir: str | Path) -> tuple[dict, ModelGeometry, dict[int, dict]]:
     """STATS_DIR/stats.pt -> (raw dict, model geometry, {layer id: layer sums}) validated."""
-    stats = _load(Path(stats_dir) / "stats.pt", "statistics file")
-    ok = stats.get("format", "oscar-kv-stats") == "oscar-kv-stats" and all(
-        isinstance(stats.get(key), dict) for key in ("layers", "model"))
-    if not ok:
+    stats = read_stats(stats_dir)
+    if not all(isinstance(stats.get(key), dict) for key in ("layers", "model")):
         raise OscarError(f"{stats_dir}/stats.pt is not an oscar-kv statistics file; "
                          f"{CALIBRATE_HINT}")
     geom = ModelGeometry.from_dict(stats["model"])
@@ -62,11 +48,6 @@ def load_stats(stats_dir: str | Path) -> tuple[dict, ModelGeometry, dict[int, di
         raise OscarError(f"{stats_dir}/stats.pt holds layers {sorted(layers)[:4]}... but the "
                          f"model has {geom.num_layers}; {CALIBRATE_HINT}")
     return stats, geom, layers
-
-
-def load_holdout(stats_dir: str | Path) -> dict:
-    """STATS_DIR/holdout.pt -> {"q"|"k"|"v": {layer: bf16 [S, T, H, D]}}."""
-    return _load(Path(stats_dir) / "holdout.pt", "holdout file")
 
 
 def fit_target(layers: dict[int, dict], estimator: str, composition: str, head_dim: int
