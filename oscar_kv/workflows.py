@@ -7,12 +7,11 @@ summary. Heavy imports (transformers) happen inside the functions.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from oscar_kv.atomic_io import write_files_atomic
 from oscar_kv.config import QuantSpec, WindowSpec
 from oscar_kv.errors import OscarError
 
@@ -120,11 +119,7 @@ def _fit_with_model_clips(stats, out, method, composition, quant, window, model,
 
 def _write_json_atomic(path: str, obj: dict) -> None:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, p)
+    write_files_atomic(p.parent, {p.name: json.dumps(obj, indent=2)})
 
 
 def run_eval(model: str, data: str, methods: list[str], rotations: str | None = None,

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from oscar_kv.atomic_io import write_files_atomic
 from oscar_kv.config import ModelGeometry
 from oscar_kv.errors import OscarError
 
@@ -240,27 +239,11 @@ class StatsAccumulator:
 
 
 def save_stats(out_dir: str | os.PathLike, stats: dict, holdout: dict | None = None) -> Path:
-    """Write ``stats.pt`` (and ``holdout.pt`` if given) into out_dir atomically.
-
-    Files are written into a temporary sibling directory first; a new out_dir is created by
-    one rename, an existing one gets each file by ``os.replace`` (other files are kept).
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        torch.save(stats, tmp / STATS_FILE)
-        if holdout is not None:
-            torch.save(holdout, tmp / HOLDOUT_FILE)
-        if not out.exists():
-            os.rename(tmp, out)
-            return out
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    """Write ``stats.pt`` (and ``holdout.pt`` if given) into out_dir atomically (a new out_dir
+    appears whole; an existing one gets each file by ``os.replace``, other files kept)."""
+    files = {STATS_FILE: stats} | ({HOLDOUT_FILE: holdout} if holdout is not None else {})
+    write_files_atomic(out_dir, files)
+    return Path(out_dir)
 
 
 CALIBRATE_HINT = "run `python -m oscar_kv calibrate --model MODEL --out STATS_DIR` first"

@@ -17,15 +17,13 @@ Writes are atomic: files go to a temp dir beside the target and are renamed into
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from oscar_kv.atomic_io import write_files_atomic  # noqa: F401  (re-exported)
 from oscar_kv.config import ModelGeometry
 from oscar_kv.errors import OscarError
 from oscar_kv.fit.compose import ORTHO_TOL, orthogonality_error
@@ -66,31 +64,6 @@ def build_checkpoint(rotations: torch.Tensor, eigenvalues: torch.Tensor, objecti
     if oscar_meta is not None:
         ckpt["oscar_kv"] = {"version": META_VERSION, **oscar_meta}
     return ckpt
-
-
-def write_files_atomic(out_dir: str | Path, files: dict[str, dict | str]) -> list[Path]:
-    """Write {name: checkpoint dict (torch.save) | text} into out_dir; all or nothing.
-
-    Everything is written into a temp dir beside out_dir first; a new out_dir is renamed into
-    place whole, an existing one receives each finished file by os.replace."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for name, obj in files.items():
-            if isinstance(obj, str):
-                (tmp / name).write_text(obj)
-            else:
-                torch.save(obj, tmp / name)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for name in files:
-                os.replace(tmp / name, out / name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return [out / name for name in files]
 
 
 @dataclass(frozen=True, eq=False)
