@@ -42,3 +42,13 @@ require_hf_capture() {
     exit 3
   fi
 }
+
+# Start METHOD's server, wait for /health, run the tasks in $1, stop the server.
+serve_and_eval() {
+  "$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL" --method "$METHOD" \
+    --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" --k-clip "$K_CLIP" --v-clip "$V_CLIP" \
+    --absorb-v "$ABSORB_V" --group-size "$GROUP_SIZE" --reasoning-parser "$REASONING_PARSER" \
+    --server-args "$SERVER_ARGS" --health-timeout "$HEALTH_TIMEOUT" --task "$1" \
+    --n "$N_REPEATS" --workers "$WORKERS" --model-label "$(basename "$MODEL_DIR")" \
+    --out "$RUN_DIR/_eval_$METHOD"
+}

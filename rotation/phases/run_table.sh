@@ -9,10 +9,5 @@ HERE=$(cd "${1:?usage: phases/run_table.sh rotation/<model>}" && pwd)
 source "$HERE/vars.sh"
 # shellcheck source=/dev/null
 source "$HERE/../common.sh"
-"$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL" --method "$METHOD" \
-  --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" --k-clip "$K_CLIP" --v-clip "$V_CLIP" \
-  --absorb-v "$ABSORB_V" --group-size "$GROUP_SIZE" --reasoning-parser "$REASONING_PARSER" \
-  --server-args "$SERVER_ARGS" --health-timeout "$HEALTH_TIMEOUT" --task "$TASKS" \
-  --n "$N_REPEATS" --workers "$WORKERS" --model-label "$(basename "$MODEL_DIR")" \
-  --out "$RUN_DIR/_eval_$METHOD"
+serve_and_eval "$TASKS"
 exec "$PYTHON" "$ROOT/scripts/results_table.py" "$RUN_DIR"
