@@ -83,16 +83,23 @@ def windows_from_ids(ids: Sequence[int] | np.ndarray | torch.Tensor, seq_len: in
                            source=source)
 
 
+def read_token_array(path: str | os.PathLike) -> np.ndarray:
+    """A validated 1-D integer token array from a ``.npy`` file (memory-mapped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OscarError(f"token file {p} does not exist")
+    arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise OscarError(f"{p} must hold a 1-D integer array of token ids, got {arr.dtype} "
+                         f"{arr.shape}")
+    return arr
+
+
 def load_token_file(path: str | os.PathLike, seq_len: int, max_tokens: int,
                     holdout_seqs: int = 0) -> CalibrationData:
     """Windows from a 1-D integer ``.npy`` token file."""
     p = Path(path)
-    if not p.is_file():
-        raise OscarError(f"token file {p} does not exist")
-    arr = np.load(p, mmap_mode="r")
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise OscarError(f"{p} must hold a 1-D integer array of token ids, got {arr.dtype} "
-                         f"{arr.shape}")
+    arr = read_token_array(p)
     limit = (max_tokens // max(seq_len, 1) + holdout_seqs) * max(seq_len, 1)
     return windows_from_ids(np.asarray(arr[:limit]), seq_len, max_tokens, holdout_seqs,
                             source=f"tokens:{p}")

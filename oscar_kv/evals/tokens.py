@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from oscar_kv.capture.data import read_token_array
 from oscar_kv.errors import OscarError
 
 
@@ -22,11 +23,7 @@ def load_token_file(path: str | Path, tokenizer=None) -> np.ndarray:
     if not p.exists():
         raise OscarError(f"data file {p} does not exist; pass a token .npy, .txt or .jsonl path")
     if p.suffix == ".npy":
-        arr = np.load(p, allow_pickle=False)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise OscarError(f"{p} must hold a 1-D array of integer token ids, got "
-                             f"{arr.dtype} {arr.shape}")
-        toks = arr.astype(np.int64)
+        toks = np.asarray(read_token_array(p)).astype(np.int64)
     else:
         if tokenizer is None:
             raise OscarError(f"{p} is text; a tokenizer is needed (pass --model with one)")
