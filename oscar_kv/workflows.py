@@ -86,33 +86,31 @@ def _fit_with_model_clips(stats, out, method, composition, quant, window, model,
                           device, recall_probes: int = 8) -> dict:
     from oscar_kv.capture.calibrate import load_hf_model
     from oscar_kv.evals.clip_select import select_global_clips
-    from oscar_kv.fit.checkpoint import load_rotation_set
+    from oscar_kv.fit.checkpoint import RotationSet
     from oscar_kv.fit.pipeline import fit_rotations, load_holdout
-    from oscar_kv.hf import model_geometry
+    from oscar_kv.hf import check_rotation_geometry, model_geometry
 
     hold = load_holdout(stats)
     if "ids" not in hold:
         raise OscarError(f"{stats}/holdout.pt has no held-out token ids (made by an older "
                          "calibrate); re-run `python -m oscar_kv calibrate` or use "
                          "--clip-search layer")
-    fit_rotations(stats, out, method=method, composition=composition, fit_clip=False,
-                  quant=quant, window=window, log=print)
     mdl = load_hf_model(model, dtype=dtype, device=_device(device))
-    rot = load_rotation_set(out, expect=model_geometry(mdl))
-    sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window,
-                              probes_per_seq=recall_probes)
-    print(f"model-level clip selection: k={sel['clip_k']} v={sel['clip_v']} "
-          f"(mean KL {sel['k_curve'][str(sel['clip_k'])]:.5f} -> "
-          f"{sel['v_curve'][str(sel['clip_v'])]:.5f})")
-    summary = fit_rotations(stats, out, method=method, composition=composition,
-                            fixed_clip=(sel["clip_k"], sel["clip_v"]), quant=quant,
-                            window=window, log=print)
-    report_path = Path(out) / "fit_report.json"
-    report = json.loads(report_path.read_text())
-    report["clip_source"] = "model_kl"
-    report["clip_selection"] = sel
-    _write_json_atomic(str(report_path), report)
-    summary["clip_selection"] = sel
+    geom = model_geometry(mdl)
+
+    def select(r_k: torch.Tensor, r_v: torch.Tensor) -> tuple[str, list, list, dict]:
+        rot = RotationSet(k=r_k, v=r_v, clip_k=[1.0] * len(r_k), clip_v=[1.0] * len(r_v),
+                          meta={})
+        check_rotation_geometry(rot, geom)
+        sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window,
+                                  probes_per_seq=recall_probes)
+        print(f"model-level clip selection: k={sel['clip_k']} v={sel['clip_v']} "
+              f"(mean KL {sel['k_curve'][str(sel['clip_k'])]:.5f} -> "
+              f"{sel['v_curve'][str(sel['clip_v'])]:.5f})")
+        return "model_kl", [sel["clip_k"]] * len(r_k), [sel["clip_v"]] * len(r_v), sel
+
+    summary = fit_rotations(stats, out, method=method, composition=composition, quant=quant,
+                            window=window, log=print, clip_selector=select)
     print(f"rotations written to {out}")
     return summary
 

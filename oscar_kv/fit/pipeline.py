@@ -34,6 +34,8 @@ from oscar_kv.fit.compose import (
 from oscar_kv.fit.estimators import ESTIMATORS, layer_covariance, parse_method
 
 REPORT_NAME = "fit_report.json"
+# (r_k [L, D, D], r_v [L, D, D]) -> (source name, clip_k per layer, clip_v per layer, report)
+ClipSelector = Callable[[torch.Tensor, torch.Tensor], tuple[str, list, list, dict]]
 
 
 def load_stats(stats_dir: str | Path) -> tuple[dict, ModelGeometry, dict[int, dict]]:
@@ -87,11 +89,14 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
                   fixed_clip: tuple[float, float] | None = None,
                   k_objective: str = "attn_kl", v_objective: str = "out_mse",
                   device: str | torch.device | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  log: Callable[[str], None] | None = None,
+                  clip_selector: ClipSelector | None = None) -> dict:
     """Fit R_K, R_V (+ clips) from STATS_DIR and write them to OUT_DIR; returns the summary.
 
     Clip ratios: `fixed_clip=(k, v)` applies those to every layer (and skips the search);
-    otherwise `fit_clip` searches them on holdout.pt; otherwise 1.0 (off)."""
+    else `clip_selector(r_k [L,D,D], r_v [L,D,D]) -> (name, clip_k, clip_v, report)` chooses
+    them (e.g. the model-level selection, which needs the model and so lives outside `fit`);
+    else `fit_clip` searches them per layer on holdout.pt; else 1.0 (off)."""
     k_est, v_est = parse_method(method)
     COMPOSITIONS.get(composition)
     stats, geom, layers = load_stats(stats_dir)
@@ -102,10 +107,12 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
         fitted[target] = fit_target(layers, est, composition, d)
         say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
             f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
-    report = None
+    report = selection = None
     if fixed_clip is not None:
         clip_k, clip_v = ([float(c)] * geom.num_layers for c in fixed_clip)
         clip_source = "fixed"
+    elif clip_selector is not None:
+        clip_source, clip_k, clip_v, selection = clip_selector(fitted["k"][0], fitted["v"][0])
     elif fit_clip:
         quant.groups(d)
         holdout = load_holdout(stats_dir)
@@ -144,6 +151,8 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
                "clip_source": clip_source, "clip_k": clip_k, "clip_v": clip_v,
                "clip_search": report.to_dict() if report else None,
                "calibration": calibration}
+    if selection is not None:
+        summary["clip_selection"] = selection
     files[REPORT_NAME] = json.dumps(summary, indent=1)
     write_files_atomic(out, files)
     say(f"wrote {names['k']}, {names['v']} and {REPORT_NAME} to {out}")
