@@ -10,6 +10,8 @@ Results go to benchmarks/results/bench_decode-<gpu>-<date>.json with the environ
 
     python benchmarks/bench_decode.py                       # Qwen3-8B geometry, 4K..128K, B 1/8/32
     python benchmarks/bench_decode.py --smoke               # CPU, tiny shapes, Triton interpreter
+    python benchmarks/bench_decode.py --context 4096 32768 131072 --sweep
+                                  # + an INT2 config sweep per case (best config printed)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from oscar_kv.kernels import (  # noqa: E402
     plan_decode,
     tables_from_token_slots,
 )
+from oscar_kv.kernels.decode import MAXNREG, PROGRAMS_PER_SM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -98,7 +101,9 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     plan = plan_decode(batch, hq, hkv, d, max_body_len=mixed.int2_slots.shape[1],
                        max_hp_len=mixed.bf16_slots.shape[1], device=device,
                        out_dtype=torch.bfloat16, block_n=args.block_n,
-                       hp_block_n=args.hp_block_n, num_warps=args.num_warps)
+                       hp_block_n=args.hp_block_n, num_warps=args.num_warps,
+                       num_stages=args.num_stages, programs_per_sm=args.programs_per_sm,
+                       maxnreg=args.maxnreg, prefetch=args.prefetch)
     plan_bf16 = plan_decode(batch, hq, hkv, d, max_body_len=0, max_hp_len=ctx, device=device,
                             out_dtype=torch.bfloat16, hp_block_n=args.hp_block_n,
                             num_warps=args.num_warps)
@@ -114,7 +119,9 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
         q4, kv_view(k_bf16), kv_view(v_bf16), enable_gqa=True)
 
     check = {}
-    if args.check and batch * ctx <= 1 << 18:  # the reference materialises fp32 K and V
+    want = None
+    # the reference materialises fp32 K and V of every slot: 2 x 4 GiB at 2^20 tokens
+    if args.check and batch * ctx <= args.check_max_tokens:
         want = decode_attention_ref(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
                                     out_dtype=torch.float32)
         check["int2_rel_err"] = rel_err(ours(), want)
@@ -135,7 +142,62 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
                      "pct_peak": 100 * gbs / args.peak_gbs}
     res["speedup_vs_bf16_triton"] = res["bf16_triton"]["ms"] / res["int2"]["ms"]
     res["speedup_vs_sdpa"] = res["sdpa"]["ms"] / res["int2"]["ms"]
+    if args.sweep:
+        res["sweep"] = sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed,
+                             ours().float() if want is None else want, n_ours,
+                             res["bf16_triton"]["ms"])
     return res
+
+
+# (BLOCK_N, num_warps, programs per SM, maxnreg, hand prefetch, num_stages, unpack)
+SWEEP = [(128, 4, 4, None, False, 2, "asm"), (128, 4, 4, None, False, 3, "asm"),
+         (128, 4, 8, None, False, 2, "asm"), (128, 4, 2, None, False, 2, "asm"),
+         (128, 8, 4, None, False, 2, "asm"), (256, 8, 4, None, False, 2, "asm"),
+         (256, 4, 4, None, False, 2, "asm"), (64, 4, 4, None, False, 3, "asm"),
+         (128, 4, 4, 128, True, 1, "asm"), (128, 4, 3, None, True, 1, "asm"),
+         (128, 4, 4, None, False, 2, "triton")]
+
+
+def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms) -> dict:
+    """Time the INT2 decode over SWEEP; every config's output is checked against `want` (the
+    fp32 reference when the case is small enough, else the default config's output)."""
+    b, hq, d = q.shape
+    device = q.device.type
+    rows = []
+    for bn, nw, pps, mr, pf, ns, unpack in SWEEP:
+        row = {"block_n": bn, "num_warps": nw, "programs_per_sm": pps, "maxnreg": mr,
+               "prefetch": pf, "num_stages": ns, "unpack": unpack}
+        os.environ["OSCAR_KV_INT2_UNPACK"] = unpack
+        try:
+            plan = plan_decode(b, hq, k_bf16.shape[1], d, max_body_len=mixed.int2_slots.shape[1],
+                               max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
+                               out_dtype=torch.bfloat16, block_n=bn,
+                               hp_block_n=args.hp_block_n, num_warps=nw,
+                               num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
+            fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
+                                                    plan=plan, backend="triton")
+            err = rel_err(fn(), want)
+            ms = bench(fn, device, args.graph, 1)
+            row |= {"int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits, "ms": ms,
+                    "rel_err": err, "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms}
+        except Exception as e:  # noqa: BLE001 - report and keep sweeping
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
+        rows.append(row)
+    ok = [r for r in rows if "ms" in r and r["rel_err"] < 1e-2]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    if best:
+        print(f"    sweep best: BLOCK_N={best['block_n']} warps={best['num_warps']} "
+              f"pps={best['programs_per_sm']} maxnreg={best['maxnreg']} "
+              f"prefetch={best['prefetch']} stages={best['num_stages']} "
+              f"splits={best['int2_splits']}+{best['hp_splits']} unpack={best['unpack']} "
+              f"{best['ms']:.4f} ms {best['gb_s']:.0f} GB/s x{best['x_bf16T']:.2f} vs bf16T",
+              flush=True)
+    for r in rows:
+        if r not in ok:
+            print(f"    sweep FAILED: {r}", flush=True)
+    return {"best": best, "rows": rows}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,9 +213,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sink-tokens", type=int, default=64)
     ap.add_argument("--recent-tokens", type=int, default=256)
     ap.add_argument("--flush-block", type=int, default=8)
-    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--hp-block-n", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--programs-per-sm", type=int, default=PROGRAMS_PER_SM)
+    ap.add_argument("--maxnreg", type=int, default=MAXNREG,
+                    help="stage-1 register cap; 0 = the compiler's choice")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="the hand-pipelined INT2 loop instead of Triton's pipeliner")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time an INT2 config sweep per case and print the best")
+    ap.add_argument("--check-max-tokens", type=int, default=1 << 20,
+                    help="check against the fp32 reference when batch*context <= this")
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="H200 HBM3e: 4.8 TB/s")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
@@ -164,6 +236,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU through the Triton interpreter (CI)")
     args = ap.parse_args(argv)
+    args.maxnreg = args.maxnreg or None
     if args.smoke:
         args.batch, args.context = [2], [45, 133]
         args.num_q_heads, args.num_kv_heads, args.head_dim = 4, 2, 64

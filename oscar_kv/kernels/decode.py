@@ -2,8 +2,9 @@
 
 `plan_decode` (host ints only, once per decode step) fixes the split counts and allocates the
 static scratch; `decode_attention_triton(..., plan=plan)` then launches
-    stage 1 INT2  grid (B, Hkv, int2_splits)   partial (o, lse) -> scratch splits [0, s1)
-    stage 1 BF16  grid (B, Hkv, hp_splits)     partial (o, lse) -> scratch splits [s1, s1+s2)
+    stage 1       grid (B, Hkv, s1 + s2)       programs [0, s1): pieces of the INT2 body,
+                                               [s1, s1+s2): pieces of the BF16 windows;
+                                               partial (o, lse) -> scratch split = program
     stage 2 merge grid (B, Hq)                 log-sum-exp merge -> plan.out
 with no host synchronisation and no allocation, so a CUDA graph can capture it. Each
 sequence cuts its own slot lists into `splits` equal pieces on the device, so one plan serves
@@ -13,6 +14,7 @@ every step whose lengths fit the slot tables.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +25,11 @@ from oscar_kv.kernels.layout import Int2Store, KVTables
 from oscar_kv.kernels.write import interpreting, warn_once
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
+MAX_SPLITS = 128
+PROGRAMS_PER_SM = 4  # stage-1 programs resident per SM that the split heuristic aims for
+EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
+MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
+UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
 
 
 @dataclass
@@ -44,6 +50,9 @@ class DecodePlan:
     hp_block_n: int
     block_h: int
     num_warps: int
+    num_stages: int
+    maxnreg: int | None
+    prefetch: bool
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
     out: torch.Tensor
@@ -72,18 +81,25 @@ def _splits(work_tokens: int, base_programs: int, target: int, min_tokens: int) 
 def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                 max_body_len: int, max_hp_len: int, device: torch.device | str = "cuda",
                 out_dtype: torch.dtype = torch.bfloat16, int2_splits: int | None = None,
-                hp_splits: int | None = None, block_n: int = 64, hp_block_n: int = 64,
-                num_warps: int = 4, num_sms: int | None = None) -> DecodePlan:
-    """Choose split counts for (B, Hkv) programs to fill ~2 waves of the GPU and allocate
-    the scratch. max_body_len / max_hp_len: the slot tables' widths (upper bounds)."""
+                hp_splits: int | None = None, block_n: int = 128, hp_block_n: int = 64,
+                num_warps: int = 4, num_stages: int = 2, num_sms: int | None = None,
+                programs_per_sm: int = PROGRAMS_PER_SM,
+                maxnreg: int | None = MAXNREG, prefetch: bool = False) -> DecodePlan:
+    """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
+    ~programs_per_sm resident programs per SM (the INT2 stage is latency bound: it needs many
+    tiles in flight), each taking at least two tiles; allocate the scratch.
+    max_body_len / max_hp_len: the slot tables' widths (upper bounds). maxnreg caps the
+    stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
+    compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
+    double buffer (True) or a plain loop left to Triton's pipeliner (num_stages)."""
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
     device = torch.device(device)
-    target = 2 * (num_sms or _num_sms(device))
+    target = programs_per_sm * (num_sms or _num_sms(device))
     base = batch_size * num_kv_heads
     if int2_splits is None:
-        int2_splits = _splits(max_body_len, base, target, 4 * block_n)
+        int2_splits = _splits(max_body_len, base, target, 2 * block_n)
     if hp_splits is None:
         hp_splits = _splits(max_hp_len, base, target, 2 * hp_block_n)
     g = num_q_heads // num_kv_heads
@@ -92,7 +108,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     shape = (batch_size, num_q_heads, head_dim)
     return DecodePlan(
         batch_size, num_q_heads, num_kv_heads, head_dim, int2_splits, hp_splits, block_n,
-        hp_block_n, max(16, triton_next_pow2(g)), num_warps,
+        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages, maxnreg, prefetch,
         torch.empty(batch_size, num_q_heads, total, head_dim, **f32),
         torch.full((batch_size, num_q_heads, total), float("-inf"), **f32),
         torch.empty(shape, device=device, dtype=out_dtype),
@@ -133,14 +149,31 @@ def _check(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Store, k_bf16: torch.
                              f"{t.shape[1]} columns; plan with max lengths > 0")
 
 
-def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor):
+def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
+    """Constexprs for the dot operands.
+
+    GPU: the INT2 tier multiplies exact bf16 codes (built from their bits, MAGIC) by bf16 q and
+    bf16 softmax weights on tensor cores with fp32 accumulation; the BF16 tier uses the store's
+    dtype. Interpreter (whose bf16 dot is wrong): fp32 operands; with OSCAR_KV_EMULATE_BF16_DOT=1
+    they are first rounded to bf16 (EMU), which reproduces the GPU's bf16-operand numerics.
+    """
     import triton.language as tl
 
-    if interpreting():  # the interpreter's bf16 dot is wrong: upcast
-        return tl.float32, "ieee"
+    if interpreting():
+        emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")
+        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=0, PRECISION="ieee")
     if k_bf16.dtype == torch.float32 and q.dtype == torch.float32:
-        return tl.float32, "ieee"
-    return (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
+        dot, prec = tl.float32, "ieee"
+    else:
+        dot, prec = (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
+    magic = 1 if os.environ.get(UNPACK_ENV, "asm") == "triton" else 2
+    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when an element offset into one of the gathered stores may not fit in int32."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31 - 1
+               for t in tensors if t.numel())
 
 
 def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Store,
@@ -175,42 +208,50 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     qk_scale = sm_scale * LOG2E
 
-    from oscar_kv.kernels.triton.decode import (
-        _decode_bf16_stage1_kernel,
-        _decode_int2_stage1_kernel,
-        _decode_merge_kernel,
-    )
+    from oscar_kv.kernels.triton.decode import _decode_merge_kernel, _decode_stage1_kernel
 
-    dot, prec = _dot_config(q, k_bf16)
+    cfg = _dot_config(q, k_bf16)
+    if cfg["MAGIC"] == 2 and (d // 4) * plan.block_n < 4 * 32 * plan.num_warps:
+        cfg["MAGIC"] = 1  # the asm takes 4 codes bytes per thread and register
     g = hq // hkv
     mo, ml = plan.mid_o, plan.mid_lse
     s1, s2 = plan.int2_splits, plan.hp_splits
+    has_int2 = s1 > 0 and tables.int2_slots.shape[1] > 0
+    has_hp = s2 > 0 and tables.bf16_slots.shape[1] > 0
+    if s1 > 0 and not has_int2:
+        ml[:, :, :s1].fill_(float("-inf"))
+    if s2 > 0 and not has_hp:
+        ml[:, :, s1:s1 + s2].fill_(float("-inf"))
     mid_strides = (mo.stride(0), mo.stride(1), mo.stride(2), ml.stride(0), ml.stride(1))
-    if s1 > 0:
-        if tables.int2_slots.shape[1] == 0:
-            ml[:, :, :s1].fill_(float("-inf"))
+    kp, vp = k_int2, v_int2
+    # the cap was sized on D = 128 (sm_90 build: 168 -> 128 registers, 16 bytes of stack); at
+    # D = 64 or 256 it would spill hundreds of bytes, so other head sizes keep the default
+    cap = plan.maxnreg is not None and d == 128 and plan.block_n <= 128 and not interpreting()
+    launch = {"maxnreg": plan.maxnreg} if cap else {}
+    if has_int2 or has_hp:
+        # programs of a tier that has no table are not launched: the grid starts at the first
+        # tier present and the kernel is told which tiers exist
+        lo = 0 if has_int2 else s1
+        hi = s1 + s2 if has_hp else s1
+        if lo > 0:  # INT2 absent: shift the scratch so that BF16 program 0 writes split s1
+            mo_k, ml_k = mo[:, :, lo:], ml[:, :, lo:]
         else:
-            kp, vp = k_int2, v_int2
-            _decode_int2_stage1_kernel[(b, hkv, s1)](
-                q, kp.packed, kp.scale, kp.zero, vp.packed, vp.scale, vp.zero,
-                tables.int2_slots, tables.body_len, mo, ml, qk_scale, s1, 0,
-                q.stride(0), q.stride(1),
-                kp.packed.stride(0), kp.packed.stride(1), kp.scale.stride(0), kp.scale.stride(1),
-                vp.packed.stride(0), vp.packed.stride(1), vp.scale.stride(0), vp.scale.stride(1),
-                tables.int2_slots.stride(0), *mid_strides,
-                GQA=g, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, D=d,
-                GROUP=k_int2.spec.group_size, DOT=dot, PRECISION=prec,
-                num_warps=plan.num_warps)
-    if s2 > 0:
-        if tables.bf16_slots.shape[1] == 0:
-            ml[:, :, s1:s1 + s2].fill_(float("-inf"))
-        else:
-            _decode_bf16_stage1_kernel[(b, hkv, s2)](
-                q, k_bf16, v_bf16, tables.bf16_slots, tables.hp_len, mo, ml, qk_scale, s2, s1,
-                q.stride(0), q.stride(1), k_bf16.stride(0), k_bf16.stride(1),
-                v_bf16.stride(0), v_bf16.stride(1), tables.bf16_slots.stride(0), *mid_strides,
-                GQA=g, BLOCK_H=plan.block_h, BLOCK_N=plan.hp_block_n, D=d, DOT=dot,
-                PRECISION=prec, num_warps=plan.num_warps)
+            mo_k, ml_k = mo, ml
+        _decode_stage1_kernel[(b, hkv, hi - lo)](
+            q, kp.packed, kp.scale, kp.zero, vp.packed, vp.scale, vp.zero,
+            tables.int2_slots, tables.body_len, k_bf16, v_bf16, tables.bf16_slots,
+            tables.hp_len, mo_k, ml_k, qk_scale, s1 if has_int2 else 0, s2,
+            q.stride(0), q.stride(1),
+            kp.packed.stride(0), kp.packed.stride(1), kp.scale.stride(0), kp.scale.stride(1),
+            vp.packed.stride(0), vp.packed.stride(1), vp.scale.stride(0), vp.scale.stride(1),
+            tables.int2_slots.stride(0),
+            k_bf16.stride(0), k_bf16.stride(1), v_bf16.stride(0), v_bf16.stride(1),
+            tables.bf16_slots.stride(0), *mid_strides,
+            GQA=g, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, HP_BLOCK_N=plan.hp_block_n, D=d,
+            GROUP=k_int2.spec.group_size,
+            IDX64=_needs_int64(kp.packed, kp.scale, vp.packed, vp.scale),
+            HAS_INT2=has_int2, HAS_HP=has_hp, PREFETCH=plan.prefetch, num_warps=plan.num_warps,
+            num_stages=plan.num_stages, **cfg, **launch)
     out = plan.out
     _decode_merge_kernel[(b, hq)](
         mo, ml, out, s1 + s2, *mid_strides, out.stride(0), out.stride(1),

@@ -1,17 +1,21 @@
 """Triton bodies of split-K decode attention over an INT2 body + BF16 windows.
 
-Stage 1 (one launch per tier): grid (B, Hkv, splits). A program owns one KV head and all g
-query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and masked), so the head
-mapping is right for every GQA ratio. It takes a contiguous piece of the sequence's slot
-list, runs an online softmax in base 2 and writes its normalised partial output and
-log2-sum-exp to the split's row of the scratch (lse = -inf for an empty piece, so no fill is
-needed). Stage 2 merges all splits of both tiers by log-sum-exp: one softmax over all keys.
+Stage 1 (one launch for both tiers): grid (B, Hkv, int2_splits + hp_splits). A program owns
+one KV head and all g query heads that read it (rows kv*g .. kv*g+g-1, padded to BLOCK_H and
+masked), so the head mapping is right for every GQA ratio. It takes a contiguous piece of the
+sequence's INT2 or BF16 slot list, runs an online softmax in base 2 and writes its normalised
+partial output and log2-sum-exp to the split's row of the scratch (lse = -inf for an empty
+piece, so no fill is needed). Stage 2 merges all splits of both tiers by log-sum-exp: one
+softmax over all keys.
 
-INT2 tiles are dequantized in registers: a packed byte holds dims j, j+D/4, j+D/2, j+3D/4,
-so each of the four 2-bit fields is a contiguous quarter-vector that is dotted with the
-matching quarter of q (K) or accumulated into its own quarter of the output (V).
-DOT is the dtype fed to tl.dot (bf16 on a GPU, fp32 under the interpreter, whose bf16 dot is
-wrong); accumulation is always fp32.
+INT2, one (scale, zero) per row (group_size == head_dim, the default): the code domain. A
+packed byte holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter
+vector; the codes become exact bf16 tensor-core operands (built from their bits) and
+    logit_t = s_t (q . c_t - z_t sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,  w_t = p_t s_t
+so nothing is dequantized per element. Loads are software-pipelined by hand (slot ids two
+tiles ahead, codes and metadata one tile ahead). Smaller groups dequantize in registers.
+Dot operands are bf16 on a GPU (fp32 accumulation); the interpreter (whose bf16 dot is wrong)
+uses fp32, optionally rounded to bf16 first (EMU) to reproduce the GPU's numerics.
 """
 
 from __future__ import annotations
@@ -30,26 +34,165 @@ def _split_range(len_ptr, b, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _decode_int2_stage1_kernel(
+def _round_bf16(x):
+    """fp32 -> fp32 holding bf16(x), round to nearest even (the interpreter's cast truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, DOT: tl.constexpr, EMU: tl.constexpr):
+    """A tl.dot operand: bf16 on a GPU; under the interpreter fp32, rounded to bf16 first when
+    EMU (so the interpreter reproduces the GPU's bf16-operand numerics exactly)."""
+    if EMU:
+        return _round_bf16(x.to(tl.float32))
+    else:
+        return x.to(DOT)
+
+
+_UNPACK_ASM = tl.constexpr("""{
+    .reg .b32 t0, t1, t2, t3, one, off;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 off, 0xC300C300;
+    and.b32 t0, $8, 0x03030303;
+    shr.u32 t1, $8, 2;
+    and.b32 t1, t1, 0x03030303;
+    shr.u32 t2, $8, 4;
+    and.b32 t2, t2, 0x03030303;
+    shr.u32 t3, $8, 6;
+    and.b32 t3, t3, 0x03030303;
+    prmt.b32 $0, t0, 0x43434343, 0x5140;
+    prmt.b32 $1, t0, 0x43434343, 0x7362;
+    prmt.b32 $2, t1, 0x43434343, 0x5140;
+    prmt.b32 $3, t1, 0x43434343, 0x7362;
+    prmt.b32 $4, t2, 0x43434343, 0x5140;
+    prmt.b32 $5, t2, 0x43434343, 0x7362;
+    prmt.b32 $6, t3, 0x43434343, 0x5140;
+    prmt.b32 $7, t3, 0x43434343, 0x7362;
+    fma.rn.bf16x2 $0, $0, one, off;
+    fma.rn.bf16x2 $1, $1, one, off;
+    fma.rn.bf16x2 $2, $2, one, off;
+    fma.rn.bf16x2 $3, $3, one, off;
+    fma.rn.bf16x2 $4, $4, one, off;
+    fma.rn.bf16x2 $5, $5, one, off;
+    fma.rn.bf16x2 $6, $6, one, off;
+    fma.rn.bf16x2 $7, $7, one, off;
+    }""")
+
+
+@triton.jit
+def _unpack4(word, MAGIC: tl.constexpr):
+    """Packed bytes -> the four quarter tensors of exact codes 0..3, one per 2-bit field.
+
+    MAGIC 2 (GPU default): one inline asm over 4 packed bytes per register: shift/and, PRMT
+    builds bf16(128 + c) from its bits (0x43 high byte), one bf16x2 FMA subtracts the 128
+    exactly (~1.5 instructions per code). The offset must not survive into the dots: with
+    128 + c the V accumulator would carry 128 * sum(w) and cancel it at the end, which loses
+    the result to fp32 rounding when sum(w (c - z)) is small (long contexts).
+    MAGIC 1: int -> bf16 conversions in plain Triton. MAGIC 0 (interpreter): fp32."""
+    if MAGIC == 1:
+        c0 = (word & 3).to(tl.bfloat16)
+        c1 = ((word >> 2) & 3).to(tl.bfloat16)
+        c2 = ((word >> 4) & 3).to(tl.bfloat16)
+        c3 = ((word >> 6) & 3).to(tl.bfloat16)
+        return c0, c1, c2, c3
+    elif MAGIC == 2:
+        return tl.inline_asm_elementwise(
+            _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        c0 = (word & 3).to(tl.float32)
+        c1 = ((word >> 2) & 3).to(tl.float32)
+        c2 = ((word >> 4) & 3).to(tl.float32)
+        c3 = ((word >> 6) & 3).to(tl.float32)
+        return c0, c1, c2, c3
+
+
+@triton.jit
+def _softmax_step(qk, m, lsum):
+    """Online softmax in base 2 over one tile of logits qk [BLOCK_H, BLOCK_N] (masked = -inf):
+    returns (p, alpha, m_new, lsum_new) with p = 2^(qk - m_new), alpha = 2^(m - m_new)."""
+    m_new = tl.maximum(m, tl.max(qk, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, lsum * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+               m, lsum, wz, acc0, acc1, acc2, acc3,
+               DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr):
+    """One tile of the code-domain loop: kb [D/4, BLOCK_N] and vb [BLOCK_N, D/4] packed bytes,
+    ks/kz/vs/vz [BLOCK_N] metadata. Returns the updated (m, lsum, wz, acc0..acc3)."""
+    kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC)
+    raw = tl.dot(q0, kc0)
+    raw = tl.dot(q1, kc1, raw)
+    raw = tl.dot(q2, kc2, raw)
+    raw = tl.dot(q3, kc3, raw)
+    ksf = ks.to(tl.float32) * qk_scale
+    qk = (raw - qsum[:, None] * kz.to(tl.float32)[None, :]) * ksf[None, :]
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    p, alpha, m, lsum = _softmax_step(qk, m, lsum)
+    w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
+    # sum of the operand w (as rounded for the dot), so the zero term matches the dots
+    wz = wz * alpha + tl.sum(w.to(tl.float32) * vz.to(tl.float32)[None, :], axis=1)
+    vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC)
+    acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
+    acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
+    acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
+    acc3 = tl.dot(w, vc3, acc3 * alpha[:, None])
+    return m, lsum, wz, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _load_int2_tile(kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n,
+                    offs_q, stride_kpn, stride_ksn, stride_vpn, stride_vsn):
+    """Gather one tile: K codes transposed [D/4, BLOCK_N], V codes [BLOCK_N, D/4], and the
+    four [BLOCK_N] metadata vectors."""
+    kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None], mask=mask_n[None, :],
+                 other=0)
+    vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :], mask=mask_n[:, None],
+                 other=0)
+    ks = tl.load(ks_head + slot * stride_ksn, mask=mask_n, other=0.0)
+    kz = tl.load(kz_head + slot * stride_ksn, mask=mask_n, other=0.0)
+    vs = tl.load(vs_head + slot * stride_vsn, mask=mask_n, other=0.0)
+    vz = tl.load(vz_head + slot * stride_vsn, mask=mask_n, other=0.0)
+    return kb, vb, ks, kz, vs, vz
+
+
+@triton.jit
+def _load_slots(slot_row, n0, offs, end, IDX64: tl.constexpr):
+    mask = n0 + offs < end
+    slot = tl.load(slot_row + n0 + offs, mask=mask, other=0)
+    if IDX64:
+        slot = slot.to(tl.int64)
+    else:
+        slot = slot.to(tl.int32)
+    return slot, mask
+
+
+@triton.jit
+def _int2_part(
     q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
     mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, split_offset,
+    qk_scale, num_splits, b, kvh, split,
     stride_qb, stride_qh,
     stride_kpn, stride_kph, stride_ksn, stride_ksh,
     stride_vpn, stride_vph, stride_vsn, stride_vsh,
     stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr, IDX64: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """q [B, Hq, D]; packed [S, Hkv, D/4]; scale/zero [S, Hkv, D/GROUP] (K pair and V pair
-    each share strides); slots [B, max_body]; len [B]; mid_o fp32 [B, Hq, splits, D];
-    mid_lse fp32 [B, Hq, splits]. qk_scale = sm_scale * log2(e)."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    """One (scale, zero) per row (group_size == head_dim), in the code domain:
+        logit_t = s_t * (q . c_t - z_t * sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,
+    w_t = p_t * s_t, with the codes c_t exact bf16 operands of tensor-core dots (fp32
+    accumulation), so there is no per-element dequantisation. PREFETCH: loads are
+    software-pipelined by hand (slot ids two tiles ahead, codes and metadata one tile ahead,
+    a register double buffer); otherwise a plain loop left to Triton's pipeliner."""
     D4: tl.constexpr = D // 4
-    ONE_GROUP: tl.constexpr = GROUP >= D
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -57,10 +200,101 @@ def _decode_int2_stage1_kernel(
     heads = kvh * GQA + offs_h
     offs_q = tl.arange(0, D4)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = tl.load(q_row, mask=mask_h[:, None], other=0.0).to(DOT)
-    q1 = tl.load(q_row + D4, mask=mask_h[:, None], other=0.0).to(DOT)
-    q2 = tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0).to(DOT)
-    q3 = tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0).to(DOT)
+    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    # sum of the operand q (as rounded for the dot), so the zero term matches the dots
+    qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
+            + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    lsum = tl.zeros([BLOCK_H], tl.float32)
+    wz = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, D4], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, D4], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, D4], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, D4], tl.float32)
+    kp_head = kp_ptr + kvh * stride_kph
+    ks_head = ks_ptr + kvh * stride_ksh
+    kz_head = kz_ptr + kvh * stride_ksh
+    vp_head = vp_ptr + kvh * stride_vph
+    vs_head = vs_ptr + kvh * stride_vsh
+    vz_head = vz_ptr + kvh * stride_vsh
+    slot_row = slots_ptr + b.to(tl.int64) * stride_tb
+    offs = tl.arange(0, BLOCK_N)
+
+    if not PREFETCH:
+        for n0 in range(start, end, BLOCK_N):
+            slot, mask_n = _load_slots(slot_row, n0, offs, end, IDX64)
+            kb, vb, ks, kz, vs, vz = _load_int2_tile(
+                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n, offs_q,
+                stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+            m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
+                q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
+    else:
+        slot, mask_n = _load_slots(slot_row, start, offs, end, IDX64)
+        slot_n, mask_p = _load_slots(slot_row, start + BLOCK_N, offs, end, IDX64)
+        kb, vb, ks, kz, vs, vz = _load_int2_tile(
+            kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n, offs_q,
+            stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+        for n0 in range(start, end, BLOCK_N):
+            # issue the next tile's data and the slot ids two tiles ahead before any math
+            mask_n = n0 + offs < end
+            slot_nn, _ = _load_slots(slot_row, n0 + 2 * BLOCK_N, offs, end, IDX64)
+            mask_p = n0 + BLOCK_N + offs < end
+            kb_n, vb_n, ks_n, kz_n, vs_n, vz_n = _load_int2_tile(
+                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot_n, mask_p, offs_q,
+                stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+            m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
+                q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
+            kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
+            slot_n = slot_nn
+
+    has = lsum > 0.0
+    inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
+    lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
+    o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+             + split * stride_os + offs_q[None, :])
+    mask_o = mask_h[:, None]
+    wzc = wz[:, None]
+    tl.store(o_row, (acc0 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=mask_o)
+    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _int2_group_part(
+    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
+    mid_o_ptr, mid_lse_ptr,
+    qk_scale, num_splits, b, kvh, split,
+    stride_qb, stride_qh,
+    stride_kpn, stride_kph, stride_ksn, stride_ksh,
+    stride_vpn, stride_vph, stride_vsn, stride_vsh,
+    stride_tb,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr,
+):
+    """Several (scale, zero) groups per row: tiles are dequantized in registers (a packed byte
+    holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter-vector
+    dotted with the matching quarter of q (K) or accumulated into its quarter of o (V))."""
+    D4: tl.constexpr = D // 4
+    start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < GQA
+    heads = kvh * GQA + offs_h
+    offs_q = tl.arange(0, D4)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
+    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -76,94 +310,73 @@ def _decode_int2_stage1_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
-        # K^T tile [D4, BLOCK_N], four quarters from one byte load
         kb = tl.load(kp_ptr + slot[None, :] * stride_kpn + k_head + offs_q[:, None],
                      mask=mask_n[None, :], other=0)
-        if ONE_GROUP:  # one (scale, zero) per row: load once per tile
-            ks = tl.load(ks_ptr + slot * stride_ksn + ks_head, mask=mask_n, other=0.0)
-            kz = tl.load(kz_ptr + slot * stride_ksn + ks_head, mask=mask_n, other=0.0)
-            ks = ks.to(tl.float32)[None, :]
-            kz = kz.to(tl.float32)[None, :]
-        qk = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        for i in tl.static_range(4):
-            if not ONE_GROUP:
-                moff = slot[None, :] * stride_ksn + ks_head + ((i * D4 + offs_q) // GROUP)[:, None]
-                ks = tl.load(ks_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
-                kz = tl.load(kz_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            k_i = ((((kb >> (2 * i)) & 3).to(tl.float32) - kz) * ks).to(DOT)
-            if i == 0:
-                qk = tl.dot(q0, k_i, qk, input_precision=PRECISION)
-            elif i == 1:
-                qk = tl.dot(q1, k_i, qk, input_precision=PRECISION)
-            elif i == 2:
-                qk = tl.dot(q2, k_i, qk, input_precision=PRECISION)
-            else:
-                qk = tl.dot(q3, k_i, qk, input_precision=PRECISION)
-        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        m = m_new
-        pd = p.to(DOT)
         vb = tl.load(vp_ptr + slot[:, None] * stride_vpn + v_head + offs_q[None, :],
                      mask=mask_n[:, None], other=0)
-        if ONE_GROUP:
-            vs = tl.load(vs_ptr + slot * stride_vsn + vs_head, mask=mask_n, other=0.0)
-            vz = tl.load(vz_ptr + slot * stride_vsn + vs_head, mask=mask_n, other=0.0)
-            vs = vs.to(tl.float32)[:, None]
-            vz = vz.to(tl.float32)[:, None]
+        qk = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         for i in tl.static_range(4):
-            if not ONE_GROUP:
-                moff = slot[:, None] * stride_vsn + vs_head + ((i * D4 + offs_q) // GROUP)[None, :]
-                vs = tl.load(vs_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
-                vz = tl.load(vz_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
-            v_i = ((((vb >> (2 * i)) & 3).to(tl.float32) - vz) * vs).to(DOT)
+            moff = slot[None, :] * stride_ksn + ks_head + ((i * D4 + offs_q) // GROUP)[:, None]
+            ks = tl.load(ks_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            k_i = _operand(((((kb >> (2 * i)) & 3).to(tl.float32) - kz) * ks), DOT, EMU)
             if i == 0:
-                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None], input_precision=PRECISION)
+                qk = tl.dot(q0, k_i, qk)
             elif i == 1:
-                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None], input_precision=PRECISION)
+                qk = tl.dot(q1, k_i, qk)
             elif i == 2:
-                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None], input_precision=PRECISION)
+                qk = tl.dot(q2, k_i, qk)
             else:
-                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None], input_precision=PRECISION)
+                qk = tl.dot(q3, k_i, qk)
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+        p, alpha, m, lsum = _softmax_step(qk, m, lsum)
+        pd = _operand(p, DOT, EMU)
+        for i in tl.static_range(4):
+            moff = slot[:, None] * stride_vsn + vs_head + ((i * D4 + offs_q) // GROUP)[None, :]
+            vs = tl.load(vs_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
+            v_i = _operand(((((vb >> (2 * i)) & 3).to(tl.float32) - vz) * vs), DOT, EMU)
+            if i == 0:
+                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None])
+            elif i == 1:
+                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None])
+            elif i == 2:
+                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None])
+            else:
+                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None])
 
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
-    sidx = split_offset + split
     o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + sidx * stride_os + offs_q[None, :])
+             + split * stride_os + offs_q[None, :])
     mask_o = mask_h[:, None]
     tl.store(o_row, acc0 * inv, mask=mask_o)
     tl.store(o_row + D4, acc1 * inv, mask=mask_o)
     tl.store(o_row + 2 * D4, acc2 * inv, mask=mask_o)
     tl.store(o_row + 3 * D4, acc3 * inv, mask=mask_o)
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + sidx, lse, mask=mask_h)
+    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 @triton.jit
-def _decode_bf16_stage1_kernel(
+def _bf16_part(
     q_ptr, k_ptr, v_ptr, slots_ptr, len_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, split_offset,
+    qk_scale, num_splits, b, kvh, split, sidx,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Same contract as the INT2 stage over a BF16 store k, v [S2, Hkv, D] (sink + recent,
-    or a whole BF16 cache for the baseline)."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    """Split `split` of `num_splits` of a BF16 store k, v [S2, Hkv, D] (sink + recent, or a
+    whole BF16 cache for the baseline), written to scratch split `sidx`."""
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < GQA
     heads = kvh * GQA + offs_h
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-                + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(DOT)
+    q = _operand(tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                         + offs_d[None, :], mask=mask_h[:, None], other=0.0), DOT, EMU)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -172,26 +385,73 @@ def _decode_bf16_stage1_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slot[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :], other=0.0).to(DOT)
+        k = _operand(tl.load(k_ptr + slot[None, :] * stride_kn + kvh * stride_kh
+                             + offs_d[:, None], mask=mask_n[None, :], other=0.0), DOT, EMU)
+        v = _operand(tl.load(v_ptr + slot[:, None] * stride_vn + kvh * stride_vh
+                             + offs_d[None, :], mask=mask_n[:, None], other=0.0), DOT, EMU)
         qk = tl.dot(q, k, input_precision=PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        m = m_new
-        v = tl.load(v_ptr + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0).to(DOT)
-        acc = tl.dot(p.to(DOT), v, acc * alpha[:, None], input_precision=PRECISION)
+        p, alpha, m, lsum = _softmax_step(qk, m, lsum)
+        acc = tl.dot(_operand(p, DOT, EMU), v, acc * alpha[:, None], input_precision=PRECISION)
 
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
-    sidx = split_offset + split
     tl.store(mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
              + sidx * stride_os + offs_d[None, :], acc * inv, mask=mask_h[:, None])
     tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + sidx, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
+    k_ptr, v_ptr, hslots_ptr, hlen_ptr,
+    mid_o_ptr, mid_lse_ptr,
+    qk_scale, int2_splits, hp_splits,
+    stride_qb, stride_qh,
+    stride_kpn, stride_kph, stride_ksn, stride_ksh,
+    stride_vpn, stride_vph, stride_vsn, stride_vsh,
+    stride_tb,
+    stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HP_BLOCK_N: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    DOT: tl.constexpr, I2DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
+    IDX64: tl.constexpr, PRECISION: tl.constexpr, HAS_INT2: tl.constexpr,
+    HAS_HP: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """grid (B, Hkv, int2_splits + hp_splits): programs [0, int2_splits) take pieces of the
+    INT2 body, the rest pieces of the BF16 windows (one launch for both tiers).
+    q [B, Hq, D]; packed [S, Hkv, D/4]; scale/zero [S, Hkv, D/GROUP] (the K pair and the V
+    pair each share strides); slots [B, max_body]; len [B]; k, v [S2, Hkv, D];
+    hslots [B, max_hp]; hlen [B]; mid_o fp32 [B, Hq, splits, D]; mid_lse fp32 [B, Hq, splits].
+    qk_scale = sm_scale * log2(e)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_INT2:  # int2_splits is 0 when the INT2 tier is absent
+        if split < int2_splits:
+            if GROUP >= D:
+                _int2_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
+                           len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh, split,
+                           stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn, stride_ksh,
+                           stride_vpn, stride_vph, stride_vsn, stride_vsh, stride_tb,
+                           stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                           GQA, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
+            else:
+                _int2_group_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
+                                 len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh,
+                                 split, stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn,
+                                 stride_ksh, stride_vpn, stride_vph, stride_vsn, stride_vsh,
+                                 stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                                 GQA, BLOCK_H, BLOCK_N, D, GROUP, DOT, EMU)
+    if HAS_HP:
+        if split >= int2_splits:
+            _bf16_part(q_ptr, k_ptr, v_ptr, hslots_ptr, hlen_ptr, mid_o_ptr, mid_lse_ptr,
+                       qk_scale, hp_splits, b, kvh, split - int2_splits, split,
+                       stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
+                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                       GQA, BLOCK_H, HP_BLOCK_N, D, DOT, EMU, PRECISION)
 
 
 @triton.jit
