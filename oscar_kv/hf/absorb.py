@@ -20,16 +20,7 @@ import torch
 from torch import nn
 
 from oscar_kv.errors import OscarError
-
-
-def _per_head(r: torch.Tensor, heads: int) -> torch.Tensor:
-    """[D, D] or [heads, D, D] -> fp32 [heads, D, D]."""
-    r = r.float()
-    if r.dim() == 2:
-        return r.expand(heads, -1, -1)
-    if r.dim() != 3 or r.shape[0] != heads:
-        raise OscarError(f"R_V must be [D, D] or [{heads}, D, D], got {tuple(r.shape)}")
-    return r
+from oscar_kv.hf.absorb_math import rotate_o_columns, rotate_v_bias, rotate_v_rows
 
 
 @torch.no_grad()
@@ -49,17 +40,11 @@ def absorb_v_rotation(attn: nn.Module, r_v: torch.Tensor, num_kv_heads: int,
                          f"heads of head_dim {d}")
     saved = {"v_proj.weight": v_proj.weight.detach().clone(),
              "o_proj.weight": o_proj.weight.detach().clone()}
-    r = _per_head(r_v.to(v_proj.weight.device), hkv)  # [Hkv, D, D]
-    wv = v_proj.weight.float().reshape(hkv, d, -1)  # [Hkv, D, hidden]
-    v_proj.weight.copy_(torch.matmul(r.transpose(-1, -2), wv).reshape(hkv * d, -1))
+    v_proj.weight.copy_(rotate_v_rows(v_proj.weight, r_v, hkv, d))
     if v_proj.bias is not None:
         saved["v_proj.bias"] = v_proj.bias.detach().clone()
-        bv = v_proj.bias.float().reshape(hkv, 1, d)
-        v_proj.bias.copy_(torch.matmul(bv, r).reshape(-1))
-    g = hq // hkv
-    rq = r.repeat_interleave(g, dim=0)  # [Hq, D, D]: query head j -> kv head j // g
-    wo = o_proj.weight.float().reshape(-1, hq, d).transpose(0, 1)  # [Hq, hidden, D]
-    o_proj.weight.copy_(torch.matmul(wo, rq).transpose(0, 1).reshape(-1, hq * d))
+        v_proj.bias.copy_(rotate_v_bias(v_proj.bias, r_v, hkv, d))
+    o_proj.weight.copy_(rotate_o_columns(o_proj.weight, r_v, hkv, hq, d))
     return saved
 
 

@@ -32,6 +32,9 @@ K_CLIP_RATIO = "SGLANG_OSCAR_K_CLIP_RATIO"
 V_CLIP_RATIO = "SGLANG_OSCAR_V_CLIP_RATIO"
 ABSORB_V_ROTATION = "SGLANG_OSCAR_ABSORB_V_ROTATION"
 LLOYD_MAX = "SGLANG_LLOYD_MAX"
+CAPTURE_DIR = "SGLANG_OSCAR_CAPTURE_DIR"
+CAPTURE_TOKENS = "SGLANG_OSCAR_CAPTURE_TOKENS"
+CAPTURE_SOFTMAX_STATS = "SGLANG_OSCAR_CAPTURE_SOFTMAX_STATS"
 FLAGS = (ENABLE, PREFIX_TOKENS, RECENT_TOKENS, HP_DTYPE, SCALE_DTYPE, HP_MAX_SPLITS,
          K_ROTATION_PATH, V_ROTATION_PATH, K_CLIP_RATIO, V_CLIP_RATIO, ABSORB_V_ROTATION,
          LLOYD_MAX)
@@ -186,3 +189,29 @@ def read_plugin_config(env: Mapping[str, str] | None = None,
         k_clip_ratio=_clip(env, K_CLIP_RATIO), v_clip_ratio=_clip(env, V_CLIP_RATIO),
         absorb_v_rotation=_bool(env, ABSORB_V_ROTATION, False),
         source={k: env[k] for k in FLAGS if k in env})
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Calibration capture inside a server: every rank writes under out_dir; after max_tokens
+    captured prompt tokens (0: until the `oscar_capture_finish` RPC) it saves and stops.
+    softmax_stats False skips the causal-softmax weights (only the `svv` estimator needs
+    them; they cost O(T^2) per sequence and layer)."""
+
+    out_dir: str
+    max_tokens: int = 0
+    softmax_stats: bool = True
+
+
+def read_capture_config(env: Mapping[str, str] | None = None) -> CaptureConfig | None:
+    """SGLANG_OSCAR_CAPTURE_DIR (+ _TOKENS, _SOFTMAX_STATS) -> CaptureConfig, or None when
+    capture is off. Read once per process, like the serving flags."""
+    env = os.environ if env is None else env
+    out = _get(env, CAPTURE_DIR) or ""
+    if not out:
+        return None
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OscarError(f"{CAPTURE_DIR}={out} is a file; point it at a directory (it is "
+                         "created if missing)")
+    return CaptureConfig(out_dir=out, max_tokens=_int(env, CAPTURE_TOKENS, 0, 0),
+                         softmax_stats=_bool(env, CAPTURE_SOFTMAX_STATS, True))

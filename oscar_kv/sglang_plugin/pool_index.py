@@ -237,6 +237,15 @@ class PoolIndex:
         return (out + [lay.dummy_bf16] * pad, src + [lay.dummy_bf16] * (pad * f),
                 dst + [DUMMY_INT2] * (pad * f))
 
+    def decode_steps(self, handles: list[int]) -> list[Step]:
+        """One token for each request, atomic over the batch, unpadded: the Step of each
+        (its flush entries carry their positions, for the req_to_token remap)."""
+        if len(set(handles)) != len(handles):
+            raise OscarError(f"decode batch of {len(handles)} requests names a request twice")
+        need = sum(self.int2_needed(self._req(h).length, 1) for h in handles)
+        self._check_n(1, need)
+        return [self._grow(self._req(h), 1) for h in handles]
+
     def free(self, handle: int) -> bool:
         """Release a finished request's INT2 slots and slab. False if it was retracted."""
         if handle in self._retracted:

@@ -4,7 +4,9 @@ Pure functions over duck-typed objects (sglang's `ServerArgs`, `KVCacheConfigura
 are unit-tested without sglang; `hooks.py` calls them from HookRegistry hooks:
 
 - `prepare_int2_args(sa)`   BEFORE ServerArgs.__post_init__: fills our defaults (own attention
-  backend, no radix cache, page size 1) and rejects the combinations we do not support;
+  backend, no radix cache, page size 1, no overlap scheduler, no prefill CUDA graph) and
+  rejects the combinations we do not support; with calibration capture on (any dtype) it
+  turns off what would hide prompts from the capture hook (radix hits, prefill graphs);
 - `finalize_int2_args(sa)`  AFTER ServerArgs.__post_init__: reads the env flags once
   (`env.read_plugin_config`) so a bad flag fails at startup, and re-checks resolved fields;
 - `check_int2_model(kvc, ...)` before the KV pool is built: plain MHA models only.
@@ -52,10 +54,34 @@ def _reject_unsupported(sa) -> None:
     if page not in (None, 1):
         raise OscarError(f"{why} --page-size {page}; the INT2 pool is token-granular, so "
                          "remove --page-size")
+    for name, flag in (("enable_mixed_chunk", "--enable-mixed-chunk"),
+                       ("enable_dp_attention", "--enable-dp-attention"),
+                       ("enable_lora", "--enable-lora"),
+                       ("enable_unified_memory", "--enable-unified-memory")):
+        if getattr(sa, name, False):
+            raise OscarError(f"{why} {flag}; remove it")
+    for name, flag in (("pp_size", "--pp-size"), ("dcp_size", "--dcp-size")):
+        if (getattr(sa, name, 1) or 1) > 1:
+            raise OscarError(f"{why} {flag} {getattr(sa, name)} yet (tensor parallelism is "
+                             f"supported); remove {flag}")
 
 
-def prepare_int2_args(sa) -> None:
+def prepare_capture_args(sa) -> None:
+    """Calibration capture sees each prompt once, whole, in an eager prefill: no radix
+    hits (a cached prefix would hide tokens) and no prefill CUDA graph (its replay would
+    skip the Python capture hook)."""
+    if not getattr(sa, "disable_radix_cache", False):
+        log.info("oscar-kv capture: disabling the radix cache")
+        sa.disable_radix_cache = True
+    if not getattr(sa, "disable_prefill_cuda_graph", False):
+        log.info("oscar-kv capture: disabling the prefill CUDA graph")
+        sa.disable_prefill_cuda_graph = True
+
+
+def prepare_int2_args(sa, capture: bool = False) -> None:
     """Before ServerArgs resolution: reject unsupported flags and fill int2 defaults."""
+    if capture:
+        prepare_capture_args(sa)
     if not is_int2(sa):
         if getattr(sa, GROUP_SIZE_ATTR, None) is not None:
             raise OscarError(f"{GROUP_SIZE_FLAG} only applies to --kv-cache-dtype int2; "
@@ -72,6 +98,15 @@ def prepare_int2_args(sa) -> None:
         log.info("oscar-kv int2: disabling the radix cache (prefix sharing is not supported)")
         sa.disable_radix_cache = True
     sa.page_size = 1
+    # The flush and req_to_token remaps run at allocation time, ordered after the previous
+    # forward only without the overlap scheduler (see glue.py).
+    if not getattr(sa, "disable_overlap_schedule", False):
+        log.info("oscar-kv int2: disabling the overlap scheduler")
+        sa.disable_overlap_schedule = True
+    # Prefill runs eagerly (host-planned per request); decode keeps its CUDA graphs.
+    if not getattr(sa, "disable_prefill_cuda_graph", False):
+        log.info("oscar-kv int2: disabling the prefill CUDA graph (decode graphs stay on)")
+        sa.disable_prefill_cuda_graph = True
     if getattr(sa, "max_running_requests", None) is None:
         sa.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
 
@@ -86,6 +121,9 @@ def finalize_int2_args(sa, env=None) -> PluginConfig | None:
     if getattr(sa, "page_size", 1) != 1:
         raise OscarError(f"--kv-cache-dtype int2 needs page size 1 but SGLang resolved "
                          f"{sa.page_size} for this model; this model is not supported")
+    if not getattr(sa, "disable_overlap_schedule", True):
+        raise OscarError("--kv-cache-dtype int2 needs the overlap scheduler off but SGLang "
+                         "turned it back on; this configuration is not supported")
     return read_plugin_config(env, group_size=getattr(sa, GROUP_SIZE_ATTR, None))
 
 

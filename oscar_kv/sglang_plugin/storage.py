@@ -1,0 +1,153 @@
+"""The device tensors of the mixed pool on one rank, addressed by `PoolLayout` flat slot ids.
+
+Per local layer l (framework-free; kernels from `oscar_kv.kernels`):
+
+    k_int2[l], v_int2[l]   Int2Store: packed uint8 [int2_rows, Hkv, D/4], scale/zero [.., D/G]
+    k_bf16[l], v_bf16[l]   bf16 [bf16_rows, Hkv, D]   (row = flat id - hp_offset)
+
+Every row holds *rotated* K / V (k R_K, v R_V): callers rotate once, to bf16, and hand the
+rows here, so INT2 rows are quantized from exactly the bf16 values a BF16 row would hold (as
+the HF cache does). INT2 slot 0 and the last BF16 row are the reserved dummies that padded
+CUDA-graph rows and unused entries write to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.errors import OscarError
+from oscar_kv.kernels import Int2Store, KVTables, tables_from_token_slots, write_bf16, write_int2
+from oscar_kv.sglang_plugin.pool_index import DUMMY_INT2, PoolLayout
+
+HP_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Where the rows of one write go (device int64 tensors, built once per forward).
+
+    int2_idx [n1] rows of the input -> INT2 slots int2_slots [n1];
+    bf16_idx [n2] rows of the input -> BF16 store rows bf16_rows [n2] (id - hp_offset)."""
+
+    int2_idx: torch.Tensor
+    int2_slots: torch.Tensor
+    bf16_idx: torch.Tensor
+    bf16_rows: torch.Tensor
+
+
+class MixedKVStorage:
+    """INT2 stores and the BF16 arena of `num_layers` local layers (see module docstring)."""
+
+    def __init__(self, layout: PoolLayout, num_layers: int, num_kv_heads: int, head_dim: int,
+                 spec: QuantSpec, device: torch.device | str,
+                 kernel_backend: str = "auto") -> None:
+        spec.groups(head_dim)
+        self.layout, self.spec = layout, spec
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.device = torch.device(device)
+        self.kernel_backend = kernel_backend
+        g, dt = spec.groups(head_dim), spec.torch_scale_dtype
+
+        def int2() -> Int2Store:
+            rows = layout.int2_rows
+            return Int2Store(
+                torch.zeros(rows, num_kv_heads, head_dim // 4, dtype=torch.uint8, device=device),
+                torch.zeros(rows, num_kv_heads, g, dtype=dt, device=device),
+                torch.zeros(rows, num_kv_heads, g, dtype=dt, device=device), spec)
+
+        def bf16() -> torch.Tensor:
+            return torch.zeros(layout.bf16_rows, num_kv_heads, head_dim, dtype=HP_DTYPE,
+                               device=device)
+
+        self.k_int2 = [int2() for _ in range(num_layers)]
+        self.v_int2 = [int2() for _ in range(num_layers)]
+        self.k_bf16 = [bf16() for _ in range(num_layers)]
+        self.v_bf16 = [bf16() for _ in range(num_layers)]
+
+    @property
+    def window(self) -> WindowSpec:
+        return self.layout.window
+
+    def nbytes(self) -> tuple[int, int]:
+        """(K bytes, V bytes) of every tensor held."""
+        def size(stores, arenas):
+            return sum(s.packed.nbytes + s.scale.nbytes + s.zero.nbytes for s in stores) + \
+                sum(a.nbytes for a in arenas)
+        return size(self.k_int2, self.k_bf16), size(self.v_int2, self.v_bf16)
+
+    # ---- writes (rows already rotated, any float dtype; rounded to bf16 first) -----------
+    def write_split(self, layer: int, split: RowSplit, k: torch.Tensor, v: torch.Tensor,
+                    clip_k: float, clip_v: float) -> None:
+        """k, v [N, Hkv, D] -> INT2 / BF16 rows as `split` says."""
+        k, v = k.to(HP_DTYPE), v.to(HP_DTYPE)
+        if split.int2_idx.numel():
+            for x, st, clip in ((k, self.k_int2[layer], clip_k), (v, self.v_int2[layer], clip_v)):
+                write_int2(x.index_select(0, split.int2_idx), None, clip, self.spec,
+                           split.int2_slots, st.packed, st.scale, st.zero,
+                           backend=self.kernel_backend)
+        if split.bf16_idx.numel():
+            write_bf16(k.index_select(0, split.bf16_idx), None, split.bf16_rows,
+                       self.k_bf16[layer])
+            write_bf16(v.index_select(0, split.bf16_idx), None, split.bf16_rows,
+                       self.v_bf16[layer])
+
+    def split_by_value(self, slots: torch.Tensor) -> RowSplit:
+        """RowSplit of flat ids by value (nonzero: one host sync; generic callers only)."""
+        slots = slots.to(device=self.device, dtype=torch.long)
+        is_bf16 = slots >= self.layout.hp_offset
+        i2, ib = (~is_bf16).nonzero().flatten(), is_bf16.nonzero().flatten()
+        return RowSplit(i2, slots[i2], ib, slots[ib] - self.layout.hp_offset)
+
+    def write_decode(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     clip_k: float, clip_v: float) -> None:
+        """One decode token per row, static shapes (CUDA-graph safe), no host sync.
+
+        loc [B] flat ids: BF16 ids go to their row; any other id (a padded graph row points at
+        INT2 slot 0) goes to the dummy BF16 row. With recent_tokens == 0 a decoded token can
+        land directly in the body, so INT2 ids are also written (BF16 rows -> dummy slot 0)."""
+        lay = self.layout
+        loc = loc.to(torch.long)
+        is_bf16 = loc >= lay.hp_offset
+        rows = torch.where(is_bf16, loc - lay.hp_offset, lay.bf16_rows - 1)
+        k, v = k.to(HP_DTYPE), v.to(HP_DTYPE)
+        write_bf16(k, None, rows, self.k_bf16[layer])
+        write_bf16(v, None, rows, self.v_bf16[layer])
+        if self.window.recent_tokens == 0:
+            slots = torch.where(is_bf16, torch.zeros_like(loc) + DUMMY_INT2, loc)
+            for x, st, clip in ((k, self.k_int2[layer], clip_k), (v, self.v_int2[layer], clip_v)):
+                write_int2(x, None, clip, self.spec, slots, st.packed, st.scale, st.zero,
+                           backend=self.kernel_backend)
+
+    def flush(self, src: torch.Tensor, dst: torch.Tensor, clip_k: list[float],
+              clip_v: list[float]) -> None:
+        """Quantize BF16 rows of flat ids src [m] into INT2 slots dst [m], every layer."""
+        if src.numel() == 0:
+            return
+        rows = src.to(device=self.device, dtype=torch.long) - self.layout.hp_offset
+        dst = dst.to(device=self.device, dtype=torch.long)
+        for layer in range(self.num_layers):
+            for arena, st, clip in ((self.k_bf16[layer], self.k_int2[layer], clip_k[layer]),
+                                    (self.v_bf16[layer], self.v_int2[layer], clip_v[layer])):
+                write_int2(arena.index_select(0, rows), None, clip, self.spec, dst, st.packed,
+                           st.scale, st.zero, backend=self.kernel_backend)
+
+    # ---- reads ---------------------------------------------------------------------------
+    def token_maps(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, T] flat slot ids -> (INT2 row map, BF16 row map), each clamped into its
+        store so stale entries past a sequence's length stay valid indices."""
+        lay = self.layout
+        return (ids.clamp(0, lay.int2_rows - 1),
+                (ids - lay.hp_offset).clamp(0, lay.bf16_rows - 1))
+
+    def decode_tables(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                      seq_lens: torch.Tensor, width: int) -> KVTables:
+        """Slot tables of a decode batch (lengths include the new token), width <= T of
+        req_to_token columns read. No host sync."""
+        if width > req_to_token.shape[1]:
+            raise OscarError(f"decode tables of width {width} exceed req_to_token's "
+                             f"{req_to_token.shape[1]} columns")
+        ids = req_to_token.index_select(0, req_pool_indices.to(torch.long))[:, :width]
+        return tables_from_token_slots(*self.token_maps(ids), seq_lens, self.window)

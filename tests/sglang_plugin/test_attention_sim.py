@@ -1,0 +1,97 @@
+"""The int2 server's data path on CPU (no sglang): planner -> flush/req_to_token -> extend and
+decode layers, every output checked against the mixed-cache oracle; storage bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sglang_sim import SimServer, oracle
+
+from oscar_kv.cache.reference import mixed_attention_reference
+from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.sglang_plugin.pool_index import DUMMY_INT2, PoolLayout, pool_bytes
+from oscar_kv.sglang_plugin.storage import MixedKVStorage
+
+WINDOWS = [WindowSpec(8, 16, 8), WindowSpec(0, 0, 8), WindowSpec(8, 0, 8), WindowSpec(0, 24, 8)]
+
+
+def traffic(srv: SimServer, decode_steps: int = 20) -> None:
+    """Chunked prefill, a short prompt, a long one-shot prompt, decodes, a finish and a
+    retraction with slot reuse."""
+    srv.extend([("a", 1, 0, 20), ("b", 2, 0, 6)])
+    srv.extend([("a", 1, 20, 28), ("c", 3, 0, 64)])  # a: second chunk sees its INT2 prefix
+    for _ in range(decode_steps):
+        srv.decode([("a", 1), ("b", 2), ("c", 3)])
+    srv.planner.release("a", finished=True)
+    srv.planner.release("b", finished=False)
+    srv.extend([("d", 1, 0, 32)])  # reuses a's slots and row; lengths hit flush boundaries
+    for _ in range(9):
+        srv.decode([("c", 3), ("d", 1)])
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("absorbed", [False, True], ids=["rotate-v", "absorbed"])
+def test_extend_and_decode_match_oracle(window, absorbed):
+    srv = SimServer(window, QuantSpec(group_size=16), absorbed=absorbed)
+    traffic(srv)
+    assert srv.max_err < 1e-4
+
+
+def test_group_per_head_and_bf16_scales():
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=32, scale_dtype="float16"),
+                    clips=(1.0, 0.0))
+    traffic(srv, decode_steps=9)
+
+
+def test_decode_equals_mixed_attention_reference():
+    """The decode oracle agrees with the project's reference (single sequence, no clip)."""
+    w, spec = WindowSpec(8, 16, 8), QuantSpec(group_size=16)
+    srv = SimServer(w, spec, clips=(1.0, 1.0), layers=1)
+    srv.extend([("a", 1, 0, 50)])
+    srv.decode([("a", 1)])
+    q, k, v = (x[0, :51] for x in srv.streams("a"))
+    r_k, r_v = srv.numerics.r_k[0], srv.numerics.r_v[0]
+    heads_first = lambda x: x.permute(1, 0, 2)[None]  # [T, H, D] -> [1, H, T, D]
+    ref = mixed_attention_reference(heads_first(q[50:51] @ r_k), heads_first(k @ r_k),
+                                    heads_first(v @ r_v), torch.tensor([50]), torch.arange(51),
+                                    w, spec)
+    mine = oracle(q[50:51] @ r_k, k @ r_k, v @ r_v, 50, w, spec, 1.0, 1.0, chunk_bf16=False)
+    torch.testing.assert_close(ref[0].permute(1, 0, 2), mine, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_width_smaller_than_context():
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=16))
+    srv.extend([("a", 1, 0, 40)])
+    srv.decode([("a", 1)], width=64)  # tables over 64 columns instead of 256
+
+
+def test_storage_bytes_are_the_budgeted_bytes():
+    w, spec = WindowSpec(16, 32, 8), QuantSpec(group_size=32)
+    lay = PoolLayout(w, 300, 5)
+    st = MixedKVStorage(lay, 3, 2, 64, spec, "cpu")
+    assert sum(st.nbytes()) == pool_bytes(lay, 3, 2, 64, spec)
+
+
+def test_split_by_value_and_decode_dummy_rows():
+    w = WindowSpec(8, 16, 8)
+    lay = PoolLayout(w, 50, 2)
+    st = MixedKVStorage(lay, 1, 2, 32, QuantSpec(group_size=32), "cpu")
+    ids = torch.tensor([3, lay.hp_offset + 5, 7, lay.hp_offset])
+    sp = st.split_by_value(ids)
+    assert sp.int2_idx.tolist() == [0, 2] and sp.int2_slots.tolist() == [3, 7]
+    assert sp.bf16_idx.tolist() == [1, 3] and sp.bf16_rows.tolist() == [5, 0]
+    live = st.k_bf16[0].clone()
+    k = torch.randn(3, 2, 32)
+    # two padded CUDA-graph rows (slot 0) and one real row
+    st.write_decode(0, torch.tensor([DUMMY_INT2, lay.hp_offset + 4, DUMMY_INT2]), k, k, 1, 1)
+    changed = (st.k_bf16[0] != live).any(-1).any(-1).nonzero().flatten().tolist()
+    assert changed == [4, lay.bf16_rows - 1]  # the real row and the reserved dummy row only
+    assert (st.k_int2[0].packed == 0).all()  # R > 0: decode never writes INT2
+
+
+def test_token_maps_clamp_stale_ids():
+    lay = PoolLayout(WindowSpec(8, 16, 8), 50, 2)
+    st = MixedKVStorage(lay, 1, 1, 16, QuantSpec(group_size=16), "cpu")
+    i2, bf = st.token_maps(torch.tensor([[-5, 10, 10_000, lay.hp_offset + 3]]))
+    assert i2.tolist() == [[0, 10, lay.int2_rows - 1, lay.int2_rows - 1]]
+    assert bf.tolist() == [[0, 0, lay.bf16_rows - 1, 3]]
