@@ -5,12 +5,12 @@ Server side (`RankCapture`, one per tensor-parallel rank, driven by hooks.py): e
 forward hands each layer's post-q/k-norm, post-RoPE q [N, Hq_r*D], k [N, Hkv_r*D] and raw
 v [N, Hkv_r*D]; each sequence prefilled from position 0 in that forward (prefix 0) feeds the
 pass-1 accumulators of `capture.stats.StatsAccumulator` (fp64, on the device) for the heads
-this rank holds, and its K/V are spilled to disk (bf16) because pass 2 needs the *final*
-query covariance. Sequences continued from a cached prefix (chunked prefill, radix hits) are
-skipped and counted. `finish()` writes DIR/rank<r>/pass1.pt. Layout:
+this rank holds, and its K/V are spilled to disk as served (lossless) because pass 2 needs
+the *final* query covariance. Sequences continued from a cached prefix (chunked prefill,
+radix hits) are skipped and counted. `finish()` writes DIR/rank<r>/pass1.pt. Layout:
 
     DIR/rank<r>/pass1.pt                  partial LayerStats per layer + the rank's head map
-    DIR/rank<r>/kv/layer_<l>/<chunk>.pt   {"k", "v": bf16 [N, Hkv_r, D], "seq_lens": int32}
+    DIR/rank<r>/kv/layer_<l>/<chunk>.pt   {"k", "v": [N, Hkv_r, D], "seq_lens": int32}
 
 Merge (`merge_capture(DIR)`, or `python -m oscar_kv.sglang_plugin.capture DIR`): for each
 layer and global KV head h, with G_h the ranks holding a share of h's query group (one rank
@@ -113,8 +113,7 @@ class RankCapture:
         if not keep:
             return
         idx = torch.cat(keep).to(k.device)
-        spill = {"k": k.index_select(0, idx).to("cpu", torch.bfloat16),
-                 "v": v.index_select(0, idx).to("cpu", torch.bfloat16),
+        spill = {"k": k.index_select(0, idx).to("cpu"), "v": v.index_select(0, idx).to("cpu"),
                  "seq_lens": torch.tensor(lens, dtype=torch.int32)}
         path = self.dir / "kv" / f"layer_{layer}"
         path.mkdir(parents=True, exist_ok=True)
