@@ -151,3 +151,15 @@ def test_env_module_is_framework_free():
     src = open(E.__file__).read() + open(sys.modules["oscar_kv.sglang_plugin.pool_index"]
                                          .__file__).read()
     assert "import sglang" not in src and "from sglang" not in src
+
+
+def test_capture_config(tmp_path):
+    assert E.read_capture_config({}) is None
+    cfg = E.read_capture_config({E.CAPTURE_DIR: str(tmp_path / "cap"), E.CAPTURE_TOKENS: "30000",
+                                 E.CAPTURE_SOFTMAX_STATS: "0"})
+    assert cfg == E.CaptureConfig(str(tmp_path / "cap"), 30000, False)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OscarError, match="is a file"):
+        E.read_capture_config({E.CAPTURE_DIR: str(tmp_path / "f")})
+    with pytest.raises(OscarError, match=E.CAPTURE_TOKENS):
+        E.read_capture_config({E.CAPTURE_DIR: str(tmp_path), E.CAPTURE_TOKENS: "-1"})

@@ -27,6 +27,14 @@ def test_defaults_filled():
     assert sa.prefill_attention_backend == S.BACKEND_NAME
     assert sa.disable_radix_cache is True and sa.page_size == 1
     assert sa.max_running_requests == S.DEFAULT_MAX_RUNNING_REQUESTS
+    assert sa.disable_overlap_schedule is True and sa.disable_prefill_cuda_graph is True
+
+
+def test_capture_needs_whole_eager_prefills_for_any_dtype():
+    sa = args(kv_cache_dtype="auto", attention_backend="triton")
+    S.prepare_int2_args(sa, capture=True)
+    assert sa.disable_radix_cache is True and sa.disable_prefill_cuda_graph is True
+    assert sa.attention_backend == "triton"
 
 
 def test_user_values_kept():
@@ -49,6 +57,10 @@ def test_other_dtypes_untouched():
     (dict(attention_backend="fa3"), "--attention-backend fa3"),
     (dict(decode_attention_backend="triton"), "--decode-attention-backend triton"),
     (dict(page_size=8), "--page-size 8"),
+    (dict(enable_mixed_chunk=True), "--enable-mixed-chunk"),
+    (dict(enable_dp_attention=True), "--enable-dp-attention"),
+    (dict(pp_size=2), "--pp-size 2"),
+    (dict(dcp_size=2), "--dcp-size 2"),
 ])
 def test_unsupported_combos_rejected(kw, needle):
     with pytest.raises(OscarError) as ei:

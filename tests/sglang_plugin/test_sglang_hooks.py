@@ -70,23 +70,38 @@ def test_entry_point_registered():
 
 def test_all_hooks_applied():
     want = {f"{H.SA}.add_cli_args", f"{H.SA}.from_cli_args", f"{H.SA}.__post_init__",
-            H.KV_DTYPE_FN, f"{H.KVC}._build_token_to_kv_pool", f"{H.KVC}._build_mha_kv_pool",
-            f"{H.POOLCFG}._compute_cell_size", f"{H.POOLCFG}.calculate_pool_sizes"}
+            H.KV_DTYPE_FN, f"{H.KVC}._build_token_to_kv_pool", f"{H.POOLCFG}._compute_cell_size",
+            f"{H.POOLCFG}.calculate_pool_sizes", f"{H.RUNNER}.load_model", *H.SERVING_TARGETS}
     assert want <= HookRegistry._patched
+    H.check_installed()
+    # capture hooks only with SGLANG_OSCAR_CAPTURE_DIR
+    assert f"{H.RADIX}.forward" not in HookRegistry._patched
+
+
+def test_glue_reaches_the_scheduler_modules():
+    """The from-imports in schedule_batch / batch processing see the wrapped functions."""
+    from sglang.srt.managers import schedule_batch
+    from sglang.srt.mem_cache import allocation, common
+
+    assert schedule_batch.alloc_for_extend is allocation.alloc_for_extend
+    assert schedule_batch.alloc_for_decode is allocation.alloc_for_decode
+    assert schedule_batch.release_kv_cache is common.release_kv_cache
+    assert allocation.alloc_for_extend.__wrapped__.__module__ == allocation.__name__
 
 
 def test_backend_registered():
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
 
-    from oscar_kv.sglang_plugin.backend import int2_backend_class
+    from oscar_kv.sglang_plugin.backend import create_int2_backend, int2_backend_class
 
     assert "int2_triton" in ATTENTION_BACKENDS and "int2_triton" in ATTENTION_BACKEND_CHOICES
-    cls = int2_backend_class()
-    assert issubclass(cls, TritonAttnBackend)
-    with pytest.raises(NotImplementedError, match="not wired"):
-        cls.forward_decode(object(), None, None, None, None, None)
+    assert issubclass(int2_backend_class(), AttentionBackend)
+    runner = SimpleNamespace(model_config=SimpleNamespace(is_encoder_decoder=False),
+                             token_to_kv_pool=object())
+    with pytest.raises(OscarError, match="--kv-cache-dtype int2"):
+        create_int2_backend(runner)
 
 
 def test_cli_accepts_int2_only():
@@ -112,6 +127,8 @@ def test_server_args_resolve_with_int2(int2_env):
     assert sa.attention_backend == sa.decode_attention_backend == "int2_triton"
     assert sa.disable_radix_cache is True and sa.page_size == 1
     assert sa.kv_cache_quant_group_size == 64
+    assert sa.disable_overlap_schedule is True
+    assert sa.cuda_graph_config.prefill.backend == "disabled"
 
 
 @pytest.mark.skipif(MODEL is None, reason="reference model config not found")
@@ -200,3 +217,100 @@ def test_bf16_dtype_paths_unchanged():
     cfg._cell_size, cfg._zero_kv_max_tokens = 100, 0
     assert PC.DefaultPoolConfigurator.calculate_pool_sizes(cfg, 10_000, 1) \
         .max_total_num_tokens == 100
+
+
+def _write_rotations(tmp_path, layers: int, d: int):
+    from oscar_kv.fit.checkpoint import build_checkpoint
+
+    for t in ("k", "v"):
+        r, _ = torch.linalg.qr(torch.randn(layers, d, d, dtype=torch.float64))
+        torch.save(build_checkpoint(r.float(), torch.ones(layers, d), "qqt_r_h_pbr",
+                                    clip_ratios=[0.9] * layers), tmp_path / f"{t}.pt")
+
+
+def test_configurator_builds_int2_pool_and_allocator(tmp_path, monkeypatch):
+    """H4 through SGLang's own KVCacheConfigurator._build_token_to_kv_pool /
+    _build_token_to_kv_pool_allocator (runtime context faked): our pool sized for the
+    request slots, our allocator, the requested INT2 slot count."""
+    from sglang.srt.mem_cache import kv_cache_configurator as KC
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    _write_rotations(tmp_path, 2, 64)
+    for k in E.FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(E.ENABLE, "1")
+    monkeypatch.setenv(E.K_ROTATION_PATH, str(tmp_path / "k.pt"))
+    monkeypatch.setenv(E.V_ROTATION_PATH, str(tmp_path / "v.pt"))
+    ns = SimpleNamespace
+    ctx = dict(get_memory=ns(enable_page_major_kv_layout=False),
+               get_schedule=ns(prefill_only_disable_kv_cache=False, page_size=1),
+               get_parallel=ns(attn_tp_size=1), get_exec=ns(features=ns(enable_memory_saver=False)),
+               get_disagg=ns(enable_pdmux=False, disaggregation_mode="null"),
+               get_spec=ns(speculative_algorithm=None))
+    for name, val in ctx.items():
+        monkeypatch.setattr(KC, name, lambda v=val: v)
+    hf = ns(architectures=["Qwen3ForCausalLM"], model_type="qwen3", sliding_window=None)
+    mc = ns(hf_config=hf, is_encoder_decoder=False, head_dim=64, v_head_dim=64,
+            num_hidden_layers=2, num_attention_heads=4, get_total_num_kv_heads=lambda: 2,
+            get_num_kv_heads=lambda tp: 2 // tp)
+    kvc = ns(kv_cache_dtype_str="int2", kv_cache_dtype=torch.bfloat16, model_config=mc,
+             server_args=ns(max_running_requests=8, kv_cache_quant_group_size=32,
+                            attention_backend="int2_triton"),
+             use_mla_backend=False, is_hybrid_swa=False, mambaish_config=None,
+             pool_page_size=1, device="cpu", post_capture_kv_active=False,
+             layer_info=ns(num_effective_layers=2, start_layer=0, end_layer=2))
+    kvc._build_mha_kv_pool = lambda **kw: KC.KVCacheConfigurator._build_mha_kv_pool(kvc, **kw)
+    req_pool = ReqToTokenPool(6, 64, "cpu", False)
+    sizes = ns(max_total_num_tokens=500)
+    pool = KC.KVCacheConfigurator._build_token_to_kv_pool(
+        kvc, sizes=sizes, is_dsa_model=False, is_dsv4_model=False, req_to_token_pool=req_pool)
+    assert pool.oscar_kv_int2 and pool.layout.max_requests == 6
+    assert pool.layout.num_int2_slots == 500 and pool.numerics.spec.group_size == 32
+    alloc = KC.KVCacheConfigurator._build_token_to_kv_pool_allocator(
+        kvc, sizes=sizes, token_to_kv_pool=pool, is_dsv4_model=False,
+        req_to_token_pool=req_pool, token_to_kv_pool_allocator=None)
+    assert alloc.oscar_kv_int2 and alloc.available_size() == 500
+    assert H._pending_req_slots[0] is None  # scoped to the pool build
+
+
+def test_capture_hooks_drive_a_rank_capture(tmp_path, monkeypatch):
+    """ModelRunner.forward AROUND + RadixAttention.forward BEFORE record a prefill; the
+    `oscar_capture_finish` RPC writes the rank file; the merge gives stats.pt."""
+    import torch.distributed as dist
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from oscar_kv.capture.stats import load_stats
+    from oscar_kv.sglang_plugin.capture import merge_capture
+
+    ns = SimpleNamespace
+    monkeypatch.setenv(E.CAPTURE_DIR, str(tmp_path))
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel",
+                        lambda: ns(attn_tp_rank=0, attn_tp_size=1, tp_rank=0, pp_rank=0,
+                                   tp_size=1))
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
+    monkeypatch.setattr(H, "_capture", [None])
+    mc = ns(num_hidden_layers=2, num_attention_heads=4, get_total_num_kv_heads=lambda: 2,
+            head_dim=16, hf_config=ns(model_type="qwen3"))
+    runner = ns(model_config=mc)
+    layers = [ns(layer_id=i) for i in range(2)]
+
+    def forward(self, fb):  # what the model does: every layer calls its RadixAttention
+        for layer in layers:
+            t = sum(fb.extend_seq_lens_cpu)
+            H.radix_forward_before(layer, torch.randn(t, 64), torch.randn(t, 32),
+                                   torch.randn(t, 32), fb)
+        return "logits"
+
+    fb = ns(forward_mode=ForwardMode.EXTEND, extend_seq_lens_cpu=[5, 7],
+            extend_prefix_lens_cpu=[0, 0])
+    assert H.runner_forward_around(forward, runner, fb) == "logits"
+    decode = ns(forward_mode=ForwardMode.DECODE)
+    H.runner_forward_around(lambda self, fb: None, runner, decode)  # not captured
+    sched = ns(tp_group=ns(cpu_group=None))
+    other = H.handle_rpc_around(lambda self, req: "orig", sched, ns(method="save_x"))
+    assert other == "orig"
+    out = H.handle_rpc_around(None, sched, ns(method=H.CAPTURE_FINISH_RPC))
+    assert out.success, out.message
+    merge_capture(tmp_path)
+    stats = load_stats(tmp_path)
+    assert stats["num_tokens"] == 12 and stats["num_sequences"] == 2
