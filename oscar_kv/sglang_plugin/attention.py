@@ -112,8 +112,8 @@ def plan_extend(storage: MixedKVStorage, req_to_token: torch.Tensor,
         sink = min(p_sink, p)
         int2_slots = int2_map[:, p_sink:body_hi] if body_hi > p_sink else int2_map[:, :0]
         bf16_slots = torch.cat([bf16_map[:, :sink], bf16_map[:, max(p_sink, end):p]], dim=1)
-        nb, nh = int2_slots.shape[1], bf16_slots.shape[1]
-        lens = torch.tensor([[nb, nh]], dtype=torch.int32, device=dev)
+        lens = _to(torch.tensor([[int2_slots.shape[1], bf16_slots.shape[1]]],
+                                dtype=torch.int32), dev)
         tables.append(KVTables(int2_slots.contiguous(), lens[:, 0], bf16_slots.contiguous(),
                                lens[:, 1]))
     loc = out_cache_loc.to(torch.long)

@@ -184,7 +184,7 @@ def int2_backend_class() -> type:
             if lens is None or len(lens) == 0:
                 return full
             a = EAGER_WIDTH_ALIGN
-            return min(full, -(-int(max(lens)) // a) * a)
+            return min(full, -(-int(torch.as_tensor(lens).max()) // a) * a)
 
         def _tables(self, fb, width: int) -> KVTables:
             return self.storage.decode_tables(self.req_to_token, fb.req_pool_indices,
