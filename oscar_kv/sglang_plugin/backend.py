@@ -202,9 +202,12 @@ def int2_backend_class() -> type:
                 self.forward_metadata = DecodeMeta(self._tables(fb, width),
                                                    self.eager_plans[key])
             elif mode in (mode.EXTEND, mode.MIXED):
-                self.forward_metadata = plan_extend(
-                    self.storage, self.req_to_token, fb.req_pool_indices,
-                    fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu, fb.out_cache_loc)
+                prefix, ext = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
+                if prefix is None or ext is None:  # gpu-only batch: one host sync (extend only)
+                    prefix, ext = fb.extend_prefix_lens.tolist(), fb.extend_seq_lens.tolist()
+                self.forward_metadata = plan_extend(self.storage, self.req_to_token,
+                                                    fb.req_pool_indices, prefix, ext,
+                                                    fb.out_cache_loc)
             else:
                 raise OscarError(f"forward mode {mode.name} is not supported with "
                                  "--kv-cache-dtype int2")

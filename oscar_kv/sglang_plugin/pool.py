@@ -8,7 +8,12 @@ inside the memory budget. Generic dense-buffer accessors raise: only the int2 ba
 this pool. `set_kv_buffer` is the generic write (unrotated post-RoPE K, raw V -> rotated,
 routed by slot id); the backend writes pre-rotated rows with precomputed routing instead.
 
-`Int2TokenAllocator` reports the free INT2 slots as SGLang's `available_size()`; slots are
+The INT2 store has `size + F - 1` slots (+ the dummy): SGLang's prefill admission counts a
+chunk's own tokens, but continuing a chunked prompt also moves up to F - 1 already stored
+recent rows into the body; the hidden reserve covers them (one chunked request per batch).
+
+`Int2TokenAllocator` reports the free INT2 slots minus that reserve as SGLang's
+`available_size()` (so an idle pool reports exactly `max_total_num_tokens`); slots are
 allocated and released per request by the scheduler hooks in `glue.py` (through the planner),
 so its per-token `alloc` refuses and its `free` (called by SGLang after our release) is a
 no-op.
@@ -93,7 +98,8 @@ def int2_pool_class() -> type:
                                  f"and {v_dim}; serve this model without --kv-cache-dtype int2")
             s = oscar_setup
             self.setup = s
-            self.layout = PoolLayout(s.cfg.window, size, s.max_requests)
+            self.reserve = s.cfg.window.flush_block - 1
+            self.layout = PoolLayout(s.cfg.window, size + self.reserve, s.max_requests)
             self.planner = SlotPlanner(PoolIndex(self.layout))
             start = kwargs.get("start_layer") or 0
             self.numerics = load_numerics(s.cfg, s.geometry, start,
@@ -187,7 +193,7 @@ def int2_allocator_class() -> type:
             return self._kvcache.planner
 
         def available_size(self) -> int:
-            return self.planner.index.available_int2()
+            return max(0, self.planner.index.available_int2() - self._kvcache.reserve)
 
         def clear(self) -> None:
             self.planner.reset()

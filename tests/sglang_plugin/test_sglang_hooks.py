@@ -265,7 +265,7 @@ def test_configurator_builds_int2_pool_and_allocator(tmp_path, monkeypatch):
     pool = KC.KVCacheConfigurator._build_token_to_kv_pool(
         kvc, sizes=sizes, is_dsa_model=False, is_dsv4_model=False, req_to_token_pool=req_pool)
     assert pool.oscar_kv_int2 and pool.layout.max_requests == 6
-    assert pool.layout.num_int2_slots == 500 and pool.numerics.spec.group_size == 32
+    assert pool.layout.num_int2_slots == 507 and pool.numerics.spec.group_size == 32
     alloc = KC.KVCacheConfigurator._build_token_to_kv_pool_allocator(
         kvc, sizes=sizes, token_to_kv_pool=pool, is_dsv4_model=False,
         req_to_token_pool=req_pool, token_to_kv_pool_allocator=None)
