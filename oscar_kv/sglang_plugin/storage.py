@@ -149,5 +149,5 @@ class MixedKVStorage:
         if width > req_to_token.shape[1]:
             raise OscarError(f"decode tables of width {width} exceed req_to_token's "
                              f"{req_to_token.shape[1]} columns")
-        ids = req_to_token.index_select(0, req_pool_indices.to(torch.long))[:, :width]
+        ids = req_to_token[:, :width].index_select(0, req_pool_indices.to(torch.long))
         return tables_from_token_slots(*self.token_maps(ids), seq_lens, self.window)

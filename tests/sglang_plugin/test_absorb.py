@@ -98,3 +98,44 @@ def test_model_walk_and_refusals():
     wrong.attn.tp_k_head_num = 1
     with pytest.raises(OscarError, match="do not match"):
         absorb_v_rotation(wrong, rotation())
+
+
+def test_load_model_hook_absorbs_only_when_asked(tmp_path, monkeypatch):
+    """hooks.load_model_after: int2 + SGLANG_OSCAR_ABSORB_V_ROTATION=1 -> every layer absorbed
+    with the checkpoint's R_V; otherwise the weights are untouched."""
+    from oscar_kv.fit.checkpoint import build_checkpoint
+    from oscar_kv.sglang_plugin import env as E
+    from oscar_kv.sglang_plugin import hooks as H
+
+    rs = torch.stack([rotation(i) for i in range(2)])
+    for t in ("k", "v"):
+        torch.save(build_checkpoint(rs, torch.ones(2, D), "qqt_r_h_pbr"), tmp_path / f"{t}.pt")
+    for k in E.FLAGS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(E.ENABLE, "1")
+    monkeypatch.setenv(E.K_ROTATION_PATH, str(tmp_path / "k.pt"))
+    monkeypatch.setenv(E.V_ROTATION_PATH, str(tmp_path / "v.pt"))
+
+    def runner(kv_dtype):
+        model = nn.Module()
+        model.layers = nn.ModuleList([fused(4, 2, layer=i) for i in range(2)])
+        mc = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=D,
+                             get_total_num_kv_heads=lambda: 2, hf_config=None)
+        return SimpleNamespace(server_args=SimpleNamespace(kv_cache_dtype=kv_dtype),
+                               is_draft_worker=False, model=model, model_config=mc,
+                               device="cpu")
+
+    for dtype, absorb in (("auto", "1"), ("int2", "0")):
+        monkeypatch.setenv(E.ABSORB_V_ROTATION, absorb)
+        r = runner(dtype)
+        before = r.model.layers[0].o_proj.weight.clone()
+        H.load_model_after(None, r)
+        assert torch.equal(r.model.layers[0].o_proj.weight, before)
+    monkeypatch.setenv(E.ABSORB_V_ROTATION, "1")
+    r = runner("int2")
+    ref = [split_like(m, 4, 2) for m in r.model.layers]
+    H.load_model_after(None, r)
+    for i, (m, h) in enumerate(zip(r.model.layers, ref, strict=True)):
+        hf_absorb(h, rs[i], 2, 4, D)
+        assert torch.equal(m.o_proj.weight, h.o_proj.weight)
+        assert getattr(m.attn, ABSORBED_ATTR) is True
