@@ -20,7 +20,7 @@ quiet() { grep -v -E "Loading weights|it/s\]"; }
   cp "$W/eval.json" "$OUT/eval2048.json"; cp "$W/eval4096.json" "$W/eval_small_gpu.json" "$OUT/"
   tar -C "$W" -czf "$OUT/rotations.tgz" rotations
   echo "## GPU tests (${GPU_TESTS:-tests/hf tests/cache})"
-  timeout 90 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/hf tests/cache} -p no:cacheprovider \
+  timeout ${GPU_TESTS_TIMEOUT:-90} python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/hf tests/cache} -p no:cacheprovider \
     2>&1 | tail -8
   echo "## decode benchmark"
   timeout 170 python3 benchmarks/bench_decode.py --context ${DECODE_CTX:-4096 32768 131072} \

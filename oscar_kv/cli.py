@@ -54,6 +54,9 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="copy probes per held-out sequence in the model-level clip selection")
     p.add_argument("--clip-k", type=float, default=None, help="fixed K clip ratio (no search)")
     p.add_argument("--clip-v", type=float, default=None, help="fixed V clip ratio (no search)")
+    p.add_argument("--center-k", action=argparse.BooleanOptionalAction, default=True,
+                   help="store calibration key means and quantize k - mean (attention is "
+                        "invariant to it; lowers the INT2 key error)")
 
 
 def _add_format_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +145,8 @@ def cmd_fit(args, stats: str | None = None, out: str | None = None) -> dict:
     return run_fit(stats=stats or args.stats, out=out or args.out, method=args.method,
                    composition=args.composition, fit_clip=args.fit_clip, fixed_clip=fixed,
                    quant=quant, window=window, model=args.model, clip_search=args.clip_search,
-                   dtype=args.dtype, device=args.device, recall_probes=args.recall_probes)
+                   dtype=args.dtype, device=args.device, recall_probes=args.recall_probes,
+                   center_k=args.center_k)
 
 
 def cmd_eval(args, rotations: str | None = None, data: str | None = None,

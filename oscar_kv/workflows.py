@@ -52,13 +52,14 @@ def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r
             fit_clip: bool = True, fixed_clip: tuple[float, float] | None = None,
             quant: QuantSpec = QuantSpec(), window: WindowSpec = WindowSpec(),
             model: str | None = None, clip_search: str = "auto", dtype: str = "float32",
-            device: str = "auto", recall_probes: int = 8) -> dict:
+            device: str = "auto", recall_probes: int = 8, center_k: bool = True) -> dict:
     """Phase 2: fit rotations (+ clip ratios) from `stats` into `out`.
 
     Clip ratios: `fixed_clip` wins; else with `fit_clip`, `clip_search` picks how:
     "model" (one K and one V ratio chosen by the model's next-token KL on the held-out
     calibration sequences; needs `model`), "layer" (per-layer attention-error proxies, no model
     needed), "auto" = "model" when a model is given, else "layer"; "off" = no clipping.
+    center_k: store calibration key means so the cache quantizes k - mean (fit_rotations).
     """
     from oscar_kv.fit.pipeline import fit_rotations
 
@@ -74,16 +75,16 @@ def run_fit(stats: str, out: str, method: str = "qqt_sst", composition: str = "r
             raise OscarError("--clip-search model needs --model (the model the statistics "
                              "came from)")
         return _fit_with_model_clips(stats, out, method, composition, quant, window, model,
-                                     dtype, device, recall_probes)
+                                     dtype, device, recall_probes, center_k)
     summary = fit_rotations(stats, out, method=method, composition=composition,
                             fit_clip=clip_search == "layer", fixed_clip=fixed_clip,
-                            quant=quant, window=window, log=print)
+                            quant=quant, window=window, log=print, center_k=center_k)
     print(f"rotations written to {out}")
     return summary
 
 
 def _fit_with_model_clips(stats, out, method, composition, quant, window, model, dtype,
-                          device, recall_probes: int = 8) -> dict:
+                          device, recall_probes: int = 8, center_k: bool = True) -> dict:
     from oscar_kv.capture.calibrate import load_hf_model
     from oscar_kv.evals.clip_select import select_global_clips
     from oscar_kv.fit.checkpoint import RotationSet
@@ -98,9 +99,10 @@ def _fit_with_model_clips(stats, out, method, composition, quant, window, model,
     mdl = load_hf_model(model, dtype=dtype, device=_device(device))
     geom = model_geometry(mdl)
 
-    def select(r_k: torch.Tensor, r_v: torch.Tensor) -> tuple[str, list, list, dict]:
+    def select(r_k: torch.Tensor, r_v: torch.Tensor, k_mean: torch.Tensor | None
+               ) -> tuple[str, list, list, dict]:
         rot = RotationSet(k=r_k, v=r_v, clip_k=[1.0] * len(r_k), clip_v=[1.0] * len(r_v),
-                          meta={})
+                          meta={}, k_mean=k_mean)
         check_rotation_geometry(rot, geom)
         sel = select_global_clips(mdl, rot, hold["ids"], quant=quant, window=window,
                                   probes_per_seq=recall_probes)
@@ -110,7 +112,7 @@ def _fit_with_model_clips(stats, out, method, composition, quant, window, model,
         return "model_kl", [sel["clip_k"]] * len(r_k), [sel["clip_v"]] * len(r_v), sel
 
     summary = fit_rotations(stats, out, method=method, composition=composition, quant=quant,
-                            window=window, log=print, clip_selector=select)
+                            window=window, log=print, clip_selector=select, center_k=center_k)
     print(f"rotations written to {out}")
     return summary
 

@@ -4,7 +4,7 @@ Per layer and KV head h (query head j belongs to group h = j // g) this accumula
 calibration tokens t of all sequences:
 
 - ``qq[h] = sum_t sum_{j in h} q_{t,j}^T q_{t,j}``, ``kk[h] = sum_t k^T k``,
-  ``vv[h] = sum_t v^T v``;
+  ``vv[h] = sum_t v^T v``, ``k_sum[h] = sum_t k_t`` (the key mean for K centering);
 - pass 1, true causal softmax weighting: ``s_t = mean_{j in h} sum_{i>=t} S_j[i,t]^2`` with
   ``S_j = softmax(q_j k_h^T / sqrt(D))`` causal within the sequence; ``svv[h] = sum_t s_t v^T v``;
 - pass 2, the reference ``sst`` surrogate: ``w_t = k_t C_h k_t^T`` with the *final*
@@ -40,7 +40,7 @@ _SCORE_BLOCK_ELEMS_GPU = 1 << 26  # fewer, larger launches on accelerators (512 
 
 @dataclass
 class LayerStats:
-    """fp64 accumulators of one layer; all matrices [Hkv, D, D], sums [Hkv]."""
+    """fp64 accumulators of one layer; all matrices [Hkv, D, D], k_sum [Hkv, D], sums [Hkv]."""
 
     num_kv_heads: int
     head_dim: int
@@ -58,6 +58,7 @@ class LayerStats:
     svv: torch.Tensor = field(init=False)
     w_sum: torch.Tensor = field(init=False)
     s_sum: torch.Tensor = field(init=False)
+    k_sum: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         mat = lambda: torch.zeros(self.num_kv_heads, self.head_dim, self.head_dim,
@@ -65,6 +66,8 @@ class LayerStats:
         self.qq, self.kk, self.vv, self.wvv, self.svv = mat(), mat(), mat(), mat(), mat()
         self.w_sum = torch.zeros(self.num_kv_heads, dtype=torch.float64, device=self.device)
         self.s_sum = torch.zeros_like(self.w_sum)
+        self.k_sum = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.float64,
+                                 device=self.device)
 
     def group_query_cov(self) -> torch.Tensor:
         """C_h = qq[h] / (N g): fp64 [Hkv, D, D] (the final one once pass 1 is complete)."""
@@ -76,7 +79,7 @@ class LayerStats:
         """The per-layer entry of the design.md schema (CPU fp64 tensors)."""
         cpu = lambda x: x.detach().to("cpu", torch.float64).clone()
         out = {"qq": cpu(self.qq), "kk": cpu(self.kk), "vv": cpu(self.vv),
-               "wvv": cpu(self.wvv), "w_sum": cpu(self.w_sum),
+               "wvv": cpu(self.wvv), "w_sum": cpu(self.w_sum), "k_sum": cpu(self.k_sum),
                "n": int(self.n), "n_q": int(self.n_q)}
         if self.softmax_stats:  # absent keys make the `svv` estimator fail with a clear message
             out.update(svv=cpu(self.svv), s_sum=cpu(self.s_sum))
@@ -181,8 +184,9 @@ class StatsAccumulator:
         k64 = k.to(dev, torch.float64).permute(1, 0, 2)  # [Hkv, T, D]
         v64 = v.to(dev, torch.float64).permute(1, 0, 2)
         qg = q64.reshape(t_len, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t_len * g, d)
-        inc = [qg.transpose(1, 2) @ qg, k64.transpose(1, 2) @ k64, v64.transpose(1, 2) @ v64]
-        accs = [st.qq, st.kk, st.vv]
+        inc = [qg.transpose(1, 2) @ qg, k64.transpose(1, 2) @ k64, v64.transpose(1, 2) @ v64,
+               k64.sum(dim=1)]
+        accs = [st.qq, st.kk, st.vv, st.k_sum]
         if self.softmax_stats:
             s = softmax_key_weights(q64, k64.permute(1, 0, 2))
             inc += [_weighted_vv(v64, s), s.sum(dim=1)]

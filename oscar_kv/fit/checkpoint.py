@@ -5,12 +5,19 @@ One file per target, `{k|v}_rotation_{estimator}_{composition}.pt` (data-free:
 
     {"format_version": 1, "objective": "qqt_r_h_pbr", "source_grouping": "layer",
      "layers": {l: {"layer_id": l, "rotation": fp32 [D, D], "eigenvalues": fp32 [D],
-                    "clip_ratio": float}},                                  # ours
+                    "clip_ratio": float,                                    # ours
+                    "k_mean": fp32 [Hkv, D]}},                # ours, K file only (centering)
      "oscar_kv": {"version": 1, "target", "estimator", "composition", "quant", "window",
                   "model": {...}, "calibration": {...}}}                    # ours
 
 Published RotationZoo files (str or int keys, no additions) load as-is: clips then default to
-1.0 (no clip) unless the caller passes ratios, and only L and D are checked against the model.
+1.0 (no clip) unless the caller passes ratios, keys are not centered (no `k_mean`), and only L
+and D are checked against the model.
+
+`k_mean` is the calibration mean of the post-RoPE keys per KV head. Keys are stored as
+(k - k_mean) R_K: softmax is invariant to subtracting the same vector from every key of a head
+(each logit of a query moves by the same q . k_mean), so attention is unchanged in exact
+arithmetic while the INT2 rows lose their common offset.
 Writes are atomic: files go to a temp dir beside the target and are renamed into place.
 """
 
@@ -48,9 +55,10 @@ def objective_name(estimator: str, composition: str = "") -> str:
 
 
 def build_checkpoint(rotations: torch.Tensor, eigenvalues: torch.Tensor, objective: str,
-                     clip_ratios: Sequence[float] | None = None, oscar_meta: dict | None = None
-                     ) -> dict:
-    """rotations [L, D, D], eigenvalues [L, D] -> the checkpoint dict (layer ids 0..L-1)."""
+                     clip_ratios: Sequence[float] | None = None, oscar_meta: dict | None = None,
+                     k_mean: torch.Tensor | None = None) -> dict:
+    """rotations [L, D, D], eigenvalues [L, D], k_mean [L, Hkv, D] or None -> the checkpoint
+    dict (layer ids 0..L-1)."""
     layers = {}
     for i in range(rotations.shape[0]):
         entry = {"layer_id": i,
@@ -58,6 +66,8 @@ def build_checkpoint(rotations: torch.Tensor, eigenvalues: torch.Tensor, objecti
                  "eigenvalues": eigenvalues[i].detach().to("cpu", torch.float32).clone()}
         if clip_ratios is not None:
             entry["clip_ratio"] = float(clip_ratios[i])
+        if k_mean is not None:
+            entry["k_mean"] = k_mean[i].detach().to("cpu", torch.float32).contiguous().clone()
         layers[i] = entry
     ckpt = {"format_version": FORMAT_VERSION, "objective": objective,
             "source_grouping": "layer", "layers": layers}
@@ -68,7 +78,8 @@ def build_checkpoint(rotations: torch.Tensor, eigenvalues: torch.Tensor, objecti
 
 @dataclass(frozen=True, eq=False)
 class RotationFile:
-    """One loaded checkpoint: rotations [L, D, D] fp32, eigenvalues [L, D] fp32 (or None)."""
+    """One loaded checkpoint: rotations [L, D, D] fp32, eigenvalues [L, D] fp32 (or None),
+    k_mean [L, Hkv, D] fp32 (or None: keys not centered)."""
 
     path: Path
     objective: str
@@ -76,6 +87,7 @@ class RotationFile:
     eigenvalues: torch.Tensor | None
     clip_ratios: list[float] | None
     meta: dict | None
+    k_mean: torch.Tensor | None = None
 
 
 def _layer_id(key: object, path: Path) -> int:
@@ -105,7 +117,7 @@ def read_rotation_file(path: str | Path) -> RotationFile:
     if ids != list(range(len(ids))):
         raise OscarError(f"rotation checkpoint {path} has layers {ids[:3]}...{ids[-1]} but "
                          f"needs every layer 0..{len(ids) - 1}; refit the full model")
-    rots, evs, clips = [], [], []
+    rots, evs, clips, means = [], [], [], []
     for i in ids:
         entry = layers[i]
         r = entry.get("rotation") if isinstance(entry, dict) else None
@@ -126,6 +138,11 @@ def read_rotation_file(path: str | Path) -> RotationFile:
         ev = entry.get("eigenvalues")
         evs.append(ev.to(torch.float32) if isinstance(ev, torch.Tensor) else None)
         clips.append(entry.get("clip_ratio"))
+        means.append(_k_mean(entry.get("k_mean"), r.shape[0], i, path))
+    if any(m is None for m in means) and not all(m is None for m in means):
+        raise OscarError(f"{path} has key means for some layers only; refit the rotation")
+    if means[0] is not None and any(m.shape != means[0].shape for m in means):
+        raise OscarError(f"{path} has key means of different head counts; refit the rotation")
     if any(c is None for c in clips) and not all(c is None for c in clips):
         raise OscarError(f"{path} has clip ratios for some layers only; refit the rotation")
     if clips[0] is not None and not all(math.isfinite(float(c)) for c in clips):
@@ -137,18 +154,32 @@ def read_rotation_file(path: str | Path) -> RotationFile:
                         rotations=torch.stack(rots),
                         eigenvalues=torch.stack(evs) if ev_ok else None,
                         clip_ratios=None if clips[0] is None else [float(c) for c in clips],
-                        meta=meta if isinstance(meta, dict) else None)
+                        meta=meta if isinstance(meta, dict) else None,
+                        k_mean=None if means[0] is None else torch.stack(means))
+
+
+def _k_mean(m: object, d: int, layer: int, path: Path) -> torch.Tensor | None:
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or m.ndim != 2 or m.shape[1] != d:
+        raise OscarError(f"layer {layer} of {path} has a 'k_mean' that is not [Hkv, {d}]; the "
+                         "file is damaged, refit it")
+    if not torch.isfinite(m).all():
+        raise OscarError(f"layer {layer} of {path} has a non-finite 'k_mean'; refit it")
+    return m.to(torch.float32).contiguous()
 
 
 @dataclass(frozen=True, eq=False)
 class RotationSet:
-    """Per-layer rotations of a model: k, v [L, D, D] fp32; clip_k, clip_v [L] (>= 1: off)."""
+    """Per-layer rotations of a model: k, v [L, D, D] fp32; clip_k, clip_v [L] (>= 1: off);
+    k_mean [L, Hkv, D] fp32 key means subtracted before R_K, or None (no centering)."""
 
     k: torch.Tensor
     v: torch.Tensor
     clip_k: list[float]
     clip_v: list[float]
     meta: dict = field(default_factory=dict)
+    k_mean: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -217,8 +248,11 @@ def load_rotation_set(src: str | Path | Sequence[str | Path], expect: ModelGeome
     n = fk.rotations.shape[0]
     meta = {"k_path": str(kp), "v_path": str(vp), "k_objective": fk.objective,
             "v_objective": fv.objective, "k_meta": fk.meta, "v_meta": fv.meta}
+    if fv.k_mean is not None:
+        raise OscarError(f"{vp.name} carries key means but is a V rotation file; pass the K "
+                         f"and V files in that order")
     return RotationSet(k=fk.rotations, v=fv.rotations, clip_k=_clips(clip_k, fk, n),
-                       clip_v=_clips(clip_v, fv, n), meta=meta)
+                       clip_v=_clips(clip_v, fv, n), meta=meta, k_mean=fk.k_mean)
 
 
 def _fixed_set(geom: ModelGeometry, r: torch.Tensor, method: str) -> RotationSet:

@@ -34,8 +34,10 @@ from oscar_kv.fit.compose import (
 from oscar_kv.fit.estimators import ESTIMATORS, layer_covariance, parse_method
 
 REPORT_NAME = "fit_report.json"
-# (r_k [L, D, D], r_v [L, D, D]) -> (source name, clip_k per layer, clip_v per layer, report)
-ClipSelector = Callable[[torch.Tensor, torch.Tensor], tuple[str, list, list, dict]]
+# (r_k [L, D, D], r_v [L, D, D], k_mean [L, Hkv, D] | None)
+#   -> (source name, clip_k per layer, clip_v per layer, report)
+ClipSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                        tuple[str, list, list, dict]]
 
 
 def load_stats(stats_dir: str | Path) -> tuple[dict, ModelGeometry, dict[int, dict]]:
@@ -71,6 +73,22 @@ def fit_target(layers: dict[int, dict], estimator: str, composition: str, head_d
     return rot, torch.stack(evs), [orthogonality_error(r) for r in rot]
 
 
+def key_means(layers: dict[int, dict], geom: ModelGeometry) -> torch.Tensor | None:
+    """Per-layer calibration key means fp32 [L, Hkv, D] from the statistics' `k_sum` / `n`,
+    or None when the statistics have no key sums."""
+    if any("k_sum" not in layers[i] for i in range(geom.num_layers)):
+        return None
+    means = []
+    for i in range(geom.num_layers):
+        k_sum, n = layers[i]["k_sum"], int(layers[i]["n"])
+        if tuple(k_sum.shape) != (geom.num_kv_heads, geom.head_dim) or n <= 0:
+            raise OscarError(f"layer {i}: statistics hold k_sum {tuple(k_sum.shape)} over {n} "
+                             f"tokens; expected [{geom.num_kv_heads}, {geom.head_dim}] over > 0 "
+                             f"tokens; re-run `python -m oscar_kv calibrate`")
+        means.append((k_sum / n).to(torch.float32))
+    return torch.stack(means)
+
+
 def _plain(x: object) -> object:
     """A stats header value as a JSON/weights_only-safe scalar."""
     if isinstance(x, torch.Tensor):
@@ -90,11 +108,15 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
                   k_objective: str = "attn_kl", v_objective: str = "out_mse",
                   device: str | torch.device | None = None,
                   log: Callable[[str], None] | None = None,
-                  clip_selector: ClipSelector | None = None) -> dict:
+                  clip_selector: ClipSelector | None = None, center_k: bool = True) -> dict:
     """Fit R_K, R_V (+ clips) from STATS_DIR and write them to OUT_DIR; returns the summary.
 
+    center_k: store the calibration key means in the K file, so keys are quantized as
+    (k - mean) R_K (attention is invariant to it; see checkpoint.py). Statistics captured
+    before key sums were recorded fit without centering (said in the log and the report).
     Clip ratios: `fixed_clip=(k, v)` applies those to every layer (and skips the search);
-    else `clip_selector(r_k [L,D,D], r_v [L,D,D]) -> (name, clip_k, clip_v, report)` chooses
+    else `clip_selector(r_k [L,D,D], r_v [L,D,D], k_mean) -> (name, clip_k, clip_v, report)`
+    chooses
     them (e.g. the model-level selection, which needs the model and so lives outside `fit`);
     else `fit_clip` searches them per layer on holdout.pt; else 1.0 (off)."""
     k_est, v_est = parse_method(method)
@@ -107,15 +129,23 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
         fitted[target] = fit_target(layers, est, composition, d)
         say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
             f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
+    k_mean = key_means(layers, geom) if center_k else None
+    if center_k and k_mean is None:
+        say("statistics have no key sums (captured by an older calibrate): fitting without K "
+            "centering; re-run `python -m oscar_kv calibrate` to get it")
     report = selection = None
     if fixed_clip is not None:
         clip_k, clip_v = ([float(c)] * geom.num_layers for c in fixed_clip)
         clip_source = "fixed"
     elif clip_selector is not None:
-        clip_source, clip_k, clip_v, selection = clip_selector(fitted["k"][0], fitted["v"][0])
+        clip_source, clip_k, clip_v, selection = clip_selector(fitted["k"][0], fitted["v"][0],
+                                                               k_mean)
     elif fit_clip:
         quant.groups(d)
         holdout = load_holdout(stats_dir)
+        if k_mean is not None:  # the proxies must see the keys as the cache stores them
+            holdout = {**holdout, "k": {i: (k.float() - k_mean[int(i)]).to(k.dtype)
+                                        for i, k in holdout["k"].items()}}
         report = search_clip_ratios(holdout, fitted["k"][0], fitted["v"][0], quant, window,
                                     check_grid(clip_grid), k_objective, v_objective,
                                     device=device or _default_device(), progress=say)
@@ -140,7 +170,8 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
                 "model": geom.to_dict(), "calibration": calibration, "clip": clip_meta}
         names[target] = rotation_filename(target, est, composition)
         files[names[target]] = build_checkpoint(rot, ev, objective_name(est, composition),
-                                                clips, meta)
+                                                clips, meta,
+                                                k_mean=k_mean if target == "k" else None)
     out = Path(out_dir)
     summary = {"out_dir": str(out), "method": method, "composition": composition,
                "k_estimator": k_est, "v_estimator": v_est,
@@ -149,6 +180,7 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
                "model": geom.to_dict(), "quant": quant.to_dict(), "window": window.to_dict(),
                "orthogonality_error": {t: fitted[t][2] for t in ("k", "v")},
                "clip_source": clip_source, "clip_k": clip_k, "clip_v": clip_v,
+               "k_centered": k_mean is not None,
                "clip_search": report.to_dict() if report else None,
                "calibration": calibration}
     if selection is not None:

@@ -28,7 +28,7 @@ from oscar_kv.cache.reference import mixed_attention_reference
 from oscar_kv.config import QuantSpec
 from oscar_kv.errors import OscarError
 from oscar_kv.hf.cache import DECODE_BACKENDS, DecodeStep, OscarKV
-from oscar_kv.hf.plan import LayerPlan, rotate
+from oscar_kv.hf.plan import LayerPlan, rotate, rotate_keys
 from oscar_kv.kernels import Int2Store, decode_attention
 from oscar_kv.kernels.write import warn_once
 
@@ -183,7 +183,7 @@ def oscar_sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                              "sequences of equal length")
     pos = _positions(kwargs, t, query.device)
     q_rot = rotate(query, plan.r_k, query.dtype)
-    k_rot = rotate(key, plan.r_k, torch.bfloat16)
+    k_rot = rotate_keys(key, plan, torch.bfloat16)
     out = mixed_attention_reference(q_rot, k_rot, value, pos, pos, plan.window, plan.quant,
                                     plan.clip_k, plan.clip_v, scaling=scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None

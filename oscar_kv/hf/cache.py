@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from oscar_kv.cache.store import MixedKVStore
 from oscar_kv.errors import OscarError
-from oscar_kv.hf.plan import LayerPlan, rotate
+from oscar_kv.hf.plan import LayerPlan, rotate_keys
 from oscar_kv.kernels import DecodePlan, KVTables, contiguous_token_slots, plan_decode
 from oscar_kv.registry import Registry
 
@@ -130,7 +130,7 @@ class OscarLayer(CacheLayerMixin):
         rotated (absorbed v_proj). Returns (view, view)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k_rot = rotate(key_states, self.plan.r_k, torch.bfloat16)
+        k_rot = rotate_keys(key_states, self.plan, torch.bfloat16)
         v_rot = value_states.to(torch.bfloat16)
         start = self.store.length
         self.store.append(k_rot, v_rot)

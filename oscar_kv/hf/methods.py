@@ -35,13 +35,14 @@ MODES = {"generate": GENERATE_IMPL, "simulate": SIMULATE_IMPL}
 @dataclass(frozen=True, eq=False)
 class MethodRotations:
     """A method resolved for one model: k, v fp32 [L, D, D] or None (identity), per-layer clip
-    ratios [L], and whether the body is INT2 at all."""
+    ratios [L], whether the body is INT2 at all, and key means fp32 [L, Hkv, D] or None."""
 
     k: torch.Tensor | None
     v: torch.Tensor | None
     clip_k: list[float]
     clip_v: list[float]
     quantized: bool
+    k_mean: torch.Tensor | None = None
 
 
 MethodFn = Callable[[ModelGeometry, object], MethodRotations]
@@ -82,7 +83,8 @@ def _oscar(geom: ModelGeometry, rotations: object) -> MethodRotations:
     check_rotation_geometry(rotations, geom)
     return MethodRotations(rotations.k.float(), rotations.v.float(),
                            [float(c) for c in rotations.clip_k],
-                           [float(c) for c in rotations.clip_v], quantized=True)
+                           [float(c) for c in rotations.clip_v], quantized=True,
+                           k_mean=getattr(rotations, "k_mean", None))
 
 
 def check_rotation_geometry(rotations: object, geom: ModelGeometry) -> None:
@@ -99,6 +101,12 @@ def check_rotation_geometry(rotations: object, geom: ModelGeometry) -> None:
         if len(getattr(rotations, name)) != geom.num_layers:
             raise OscarError(f"the rotation set has {len(getattr(rotations, name))} {name} "
                              f"ratios but the model has {geom.num_layers} layers; refit it")
+    k_mean = getattr(rotations, "k_mean", None)
+    want_mean = (geom.num_layers, geom.num_kv_heads, geom.head_dim)
+    if k_mean is not None and tuple(k_mean.shape) != want_mean:
+        raise OscarError(f"the rotation set's key means are {list(k_mean.shape)} but the model "
+                         f"needs {list(want_mean)} (layers, KV heads, head_dim); use rotations "
+                         f"fitted for this model")
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -224,8 +232,10 @@ def prepare_model(model: nn.Module, method: str, rotations: object = None,
     plans, saved = [], []
     for i, attn in enumerate(attns):
         r_k = None if resolved.k is None else resolved.k[i].to(device, torch.float32)
+        k_mean = (None if resolved.k_mean is None
+                  else resolved.k_mean[i].to(device, torch.float32))
         plan = LayerPlan(r_k, resolved.clip_k[i], resolved.clip_v[i], quant,
-                         window if resolved.quantized else None)
+                         window if resolved.quantized else None, k_mean)
         saved.append({} if resolved.v is None else absorb_v_rotation(
             attn, resolved.v[i], geom.num_kv_heads, geom.num_q_heads, geom.head_dim))
         attn.oscar_plan = plan

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.errors import OscarError
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,7 +20,8 @@ class LayerPlan:
     """One layer's runtime numerics.
 
     r_k: fp32 [D, D] (x_rot = x @ r_k) or None for the identity; window None = no INT2 at all
-    (the `bf16` method); clip ratios >= 1 disable clipping.
+    (the `bf16` method); clip ratios >= 1 disable clipping; k_mean fp32 [Hkv, D] subtracted
+    from every key before r_k (attention is invariant to it), or None.
     """
 
     r_k: torch.Tensor | None
@@ -27,12 +29,30 @@ class LayerPlan:
     clip_v: float
     quant: QuantSpec
     window: WindowSpec | None
+    k_mean: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "LayerPlan":
-        """The same plan with r_k on `device` (a no-op when already there)."""
-        if self.r_k is None or self.r_k.device == device:
+        """The same plan with its tensors on `device` (a no-op when already there)."""
+        moved = [t if t is None or t.device == device else t.to(device)
+                 for t in (self.r_k, self.k_mean)]
+        if all(a is b for a, b in zip(moved, (self.r_k, self.k_mean), strict=True)):
             return self
-        return LayerPlan(self.r_k.to(device), self.clip_k, self.clip_v, self.quant, self.window)
+        return LayerPlan(moved[0], self.clip_k, self.clip_v, self.quant, self.window, moved[1])
+
+
+def rotate_keys(k: torch.Tensor, plan: LayerPlan, out_dtype: torch.dtype) -> torch.Tensor:
+    """Keys k [B, Hkv, T, D] (post-RoPE) -> ((k - k_mean) @ r_k) in out_dtype, fp32 math.
+
+    The one place keys enter the rotated domain: cache writes and the simulation both use it,
+    so the stored rows, the chunk attention and the teacher-forced path agree."""
+    if plan.k_mean is not None:
+        if plan.k_mean.shape != (k.shape[1], k.shape[-1]):
+            raise OscarError(f"the rotation set's key means are {list(plan.k_mean.shape)} but "
+                             f"the keys have {k.shape[1]} heads of {k.shape[-1]}; use "
+                             f"rotations fitted for this model")
+        acc = torch.promote_types(k.dtype, torch.float32)
+        k = k.to(acc) - plan.k_mean.to(device=k.device, dtype=acc)[None, :, None, :]
+    return rotate(k, plan.r_k, out_dtype)
 
 
 def rotate(x: torch.Tensor, r: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:

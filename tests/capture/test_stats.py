@@ -45,10 +45,12 @@ def reference_stats(geo: ModelGeometry, seqs: list[dict], layer: int) -> dict:
            ("qq", "kk", "vv", "wvv", "svv")}
     ref["w_sum"] = torch.zeros(hkv, dtype=torch.float64)
     ref["s_sum"] = torch.zeros(hkv, dtype=torch.float64)
+    ref["k_sum"] = torch.zeros(hkv, d, dtype=torch.float64)
     for h in range(hkv):
         q_h = torch.cat([q_all[:, j] for j in range(h * g, (h + 1) * g)])  # [N g, D]
         ref["qq"][h] = q_h.T @ q_h
         ref["kk"][h] = k_all[:, h].T @ k_all[:, h]
+        ref["k_sum"][h] = k_all[:, h].sum(dim=0)
         ref["vv"][h] = v_all[:, h].T @ v_all[:, h]
         c_h = q_h.T @ q_h / (n * g)
         w = torch.stack([k_all[t, h] @ c_h @ k_all[t, h] for t in range(n)])

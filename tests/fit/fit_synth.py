@@ -38,12 +38,14 @@ def stats_from_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
            for key in ("qq", "kk", "vv", "wvv", "svv")}
     out["w_sum"] = torch.zeros(hkv, dtype=torch.float64)
     out["s_sum"] = torch.zeros(hkv, dtype=torch.float64)
+    out["k_sum"] = torch.zeros(hkv, d, dtype=torch.float64)
     for h in range(hkv):
         for j in range(h * g, (h + 1) * g):
             qj = q[:, :, j].reshape(-1, d)
             out["qq"][h] += qj.T @ qj
         kh, vh = k[:, :, h].reshape(-1, d), v[:, :, h].reshape(-1, d)
         out["kk"][h] = kh.T @ kh
+        out["k_sum"][h] = kh.sum(dim=0)
         out["vv"][h] = vh.T @ vh
         c_h = out["qq"][h] / (n * g)
         for row in range(n):

@@ -178,3 +178,33 @@ def test_identity_and_hadamard_sets():
     assert had.clip_k == [1.0] * L and ident.clip_v == [1.0] * L
     with pytest.raises(OscarError, match="power of two"):
         hadamard_rotation_set(ModelGeometry(2, 2, 2, 96))
+
+
+def test_key_means_round_trip_and_validation(tmp_path):
+    k, v = _rotations(0), _rotations(1)
+    mean = torch.randn(L, 2, D)
+    files = {"k_rotation_qqt_r_h_pbr.pt": build_checkpoint(k, _eig(), "qqt_r_h_pbr",
+                                                           k_mean=mean),
+             "v_rotation_sst_r_h_pbr.pt": build_checkpoint(v, _eig(), "sst_r_h_pbr")}
+    write_files_atomic(tmp_path / "ok", files)
+    rs = load_rotation_set(tmp_path / "ok", expect=GEOM)
+    assert torch.equal(rs.k_mean, mean) and rs.k_mean.dtype == torch.float32
+    # files without means (RotationZoo, older fits) load uncentered
+    _write_pair(tmp_path / "plain")
+    assert load_rotation_set(tmp_path / "plain").k_mean is None
+    # means on some layers only, the wrong width, NaN, or on the V file: refused
+    partial = build_checkpoint(k, _eig(), "qqt_r_h_pbr", k_mean=mean)
+    del partial["layers"][2]["k_mean"]
+    wide = build_checkpoint(k, _eig(), "qqt_r_h_pbr", k_mean=torch.randn(L, 2, D + 1))
+    nan = build_checkpoint(k, _eig(), "qqt_r_h_pbr", k_mean=mean.clone().fill_(float("nan")))
+    for name, ck, msg in (("partial", partial, "some layers only"), ("wide", wide, "not \\[Hkv"),
+                          ("nan", nan, "non-finite 'k_mean'")):
+        write_files_atomic(tmp_path / name, {"k_rotation_qqt_r_h_pbr.pt": ck,
+                                             "v_rotation_sst_r_h_pbr.pt": files[
+                                                 "v_rotation_sst_r_h_pbr.pt"]})
+        with pytest.raises(OscarError, match=msg):
+            load_rotation_set(tmp_path / name)
+    swapped = (tmp_path / "ok" / "v_rotation_sst_r_h_pbr.pt",
+               tmp_path / "ok" / "k_rotation_qqt_r_h_pbr.pt")
+    with pytest.raises(OscarError, match="is a V rotation file"):
+        load_rotation_set(swapped)

@@ -102,3 +102,26 @@ def test_bad_stats_file(tmp_path):
     with pytest.raises(OscarError, match="'kk' of layer 1 contain NaN"):
         fit_rotations(tmp_path / "s", tmp_path / "out", method="ktk_vtv", fit_clip=False)
     assert info["model"]["num_layers"] == 2
+
+
+def test_key_means_from_statistics(stats_dir, tmp_path):
+    """The K file carries sum_t k / N per layer and KV head (raw-data formula); --no-center-k
+    and statistics without key sums (older calibrations) give an uncentered fit."""
+    info = write_stats_dir(tmp_path / "s")
+    fit_rotations(tmp_path / "s", tmp_path / "c", fit_clip=False)
+    rs = load_rotation_set(tmp_path / "c")
+    for layer, (_, k, _) in info["raw"].items():
+        want = k.reshape(-1, k.shape[2], k.shape[3]).mean(dim=0)
+        assert torch.allclose(rs.k_mean[layer].double(), want, rtol=1e-6, atol=1e-7)
+    report = json.loads((tmp_path / "c" / "fit_report.json").read_text())
+    assert report["k_centered"] is True
+    fit_rotations(tmp_path / "s", tmp_path / "u", fit_clip=False, center_k=False)
+    assert load_rotation_set(tmp_path / "u").k_mean is None
+    st = torch.load(tmp_path / "s" / "stats.pt", weights_only=True)
+    for entry in st["layers"].values():
+        del entry["k_sum"]
+    torch.save(st, tmp_path / "s" / "stats.pt")
+    logs = []
+    fit_rotations(tmp_path / "s", tmp_path / "old", fit_clip=False, log=logs.append)
+    assert load_rotation_set(tmp_path / "old").k_mean is None
+    assert any("without K centering" in line for line in logs)

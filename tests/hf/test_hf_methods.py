@@ -50,17 +50,32 @@ def test_sim_without_window_equals_plain_model(lm_fp32, heldout):
     assert (sim_rot - plain).abs().mean() < 2 * bf16_err
     assert torch.equal(lm_fp32(ids).logits, plain)  # restore is exact
     assert lm_fp32.config._attn_implementation == "sdpa"
+    # key centering: softmax ignores a per-head shift of every key, so with all rows in BF16
+    # the centered model gives the plain logits up to the same BF16 rounding
+    centered = random_rotation_set(6, 128, kv_heads=2)
+    h = prepare_model(lm_fp32, "oscar", rotations=centered, window=None)
+    try:
+        assert h.plans[0].k_mean is not None
+        sim_c = h.simulate(ids)
+    finally:
+        h.restore()
+    assert (sim_c - plain).abs().mean() < 3 * bf16_err
+    # a wrong head count is refused before anything is changed
+    bad = random_rotation_set(6, 128, kv_heads=3)
+    with pytest.raises(OscarError, match="key means"):
+        prepare_model(lm_fp32, "oscar", rotations=bad)
 
 
-@pytest.mark.parametrize("method,prefill", [("naive", 1), ("oscar", 1), ("oscar", 40)])
+@pytest.mark.parametrize("method,prefill,centered", [("naive", 1, False), ("oscar", 1, False),
+                                                     ("oscar", 40, False), ("oscar", 40, True)])
 @torch.no_grad()
-def test_generation_matches_simulation(lm_fp64_cut, heldout, method, prefill):
+def test_generation_matches_simulation(lm_fp64_cut, heldout, method, prefill, centered):
     """Prefill then decode token by token (teacher-forced) with an OscarCache: the logits at
     every position equal the teacher-forced `oscar_sim` forward. A 40-token prefill stays below
     the first flush (P + R + F = 56), so its chunk semantics coincide with decode semantics."""
     t = 200
     ids = heldout[1000:1000 + t][None]
-    rs = random_rotation_set(2, 128, clip_k=0.95, clip_v=0.9)
+    rs = random_rotation_set(2, 128, clip_k=0.95, clip_v=0.9, kv_heads=2 if centered else None)
     h = prepare_model(lm_fp64_cut, method, rotations=rs, window=W)
     try:
         sim = h.simulate(ids)
