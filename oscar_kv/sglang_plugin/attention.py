@@ -13,7 +13,8 @@ the windows say: positions in [P, body_end(p_i + n_i)) go to INT2, the others to
 Decode: `storage.decode_tables` + `kernels.plan_decode` once per step (`DecodeMeta`), then
 `decode_layer` per layer: write the new rows (static shapes), `kernels.decode_attention`
 with the query rotation fused. `extend_layer` / `decode_layer` are what the SGLang backend
-runs for one layer: q, k post-RoPE and unrotated, v pre-rotated iff `absorbed`; the output
+runs for one layer: q, k post-RoPE and unrotated (keys are centered by the checkpoint's key
+means before R_K), v pre-rotated iff `absorbed`; the output
 is in V's original domain unless absorbed (then o_proj holds R_V^T).
 
 `plan_extend` does the host work once per forward from host lengths (no host sync);
@@ -42,7 +43,7 @@ from oscar_kv.kernels import (
     prefill_attention,
 )
 from oscar_kv.registry import Registry
-from oscar_kv.sglang_plugin.numerics import PoolNumerics, rotate, unrotate
+from oscar_kv.sglang_plugin.numerics import PoolNumerics, rotate, rotate_keys, unrotate
 from oscar_kv.sglang_plugin.storage import HP_DTYPE, MixedKVStorage, RowSplit
 
 
@@ -184,7 +185,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _rotate_kv(numerics: PoolNumerics, i: int, k: torch.Tensor, v: torch.Tensor,
                absorbed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    k_rot = rotate(k, numerics.r_k[i], HP_DTYPE)
+    k_rot = rotate_keys(k, numerics, i, HP_DTYPE)
     v_rot = v.to(HP_DTYPE) if absorbed else rotate(v, numerics.r_v[i], HP_DTYPE)
     return k_rot, v_rot
 

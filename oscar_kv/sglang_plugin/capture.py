@@ -17,7 +17,7 @@ layer and global KV head h, with G_h the ranks holding a share of h's query grou
 unless TP > num_kv_heads replicates h) and g_r the query heads rank r holds per KV head:
 
     qq[h] = sum_{r in G_h} qq_r          n_q = n * g
-    kk, vv, n   from any r in G_h (identical: the same k, v)
+    kk, vv, k_sum, n   from any r in G_h (identical: the same k, v)
     svv[h], s_sum[h] = sum_{r in G_h} (g_r / g) * svv_r, s_sum_r   (softmax weights are means
                                                                     over the group's heads)
 
@@ -43,20 +43,6 @@ from oscar_kv.errors import OscarError
 FORMAT = "oscar-kv-sglang-capture"
 VERSION = 1
 PASS1_FILE = "pass1.pt"
-
-
-def rank_heads(geometry: ModelGeometry, tp_rank: int, tp_size: int
-               ) -> tuple[list[int], list[int]]:
-    """(global query heads, global KV heads) held by attention-TP rank tp_rank, as SGLang's
-    QKVParallelLinear shards them (KV heads replicated when tp_size > num_kv_heads)."""
-    hq, hkv = geometry.num_q_heads, geometry.num_kv_heads
-    if hq % tp_size or (tp_size <= hkv and hkv % tp_size) or (tp_size > hkv and tp_size % hkv):
-        raise OscarError(f"{hq} query / {hkv} KV heads do not split over {tp_size} TP ranks")
-    q_per = hq // tp_size
-    kv_per = max(1, hkv // tp_size)
-    shard = tp_rank // max(1, tp_size // hkv)
-    return (list(range(tp_rank * q_per, (tp_rank + 1) * q_per)),
-            list(range(shard * kv_per, (shard + 1) * kv_per)))
 
 
 class RankCapture:
@@ -186,7 +172,7 @@ def _merged_layer(layer: int, ranks: list[dict], geo: ModelGeometry) -> LayerSta
             share[h] += g_r
             st.qq[h] += p["qq"][li]
             if first:
-                st.kk[h], st.vv[h] = p["kk"][li], p["vv"][li]
+                st.kk[h], st.vv[h], st.k_sum[h] = p["kk"][li], p["vv"][li], p["k_sum"][li]
             if softmax:
                 st.svv[h] += (g_r / g) * p["svv"][li]
                 st.s_sum[h] += (g_r / g) * p["s_sum"][li]

@@ -157,7 +157,14 @@ def build_mha_kv_pool_around(orig, self, *, max_total_num_tokens: int, mha_pool_
     if slots > budgeted:
         raise OscarError(f"SGLang made {slots} request slots but the BF16 windows were budgeted "
                          f"for {budgeted}; set --max-running-requests explicitly")
-    setup = PoolSetup(cfg, model_geometry(self.model_config), slots)
+    from sglang.srt.runtime_context import get_parallel
+
+    from oscar_kv.sglang_plugin.numerics import rank_heads
+
+    geom = model_geometry(self.model_config)
+    par = get_parallel()
+    _, kv_heads = rank_heads(geom, par.attn_tp_rank, par.attn_tp_size)
+    setup = PoolSetup(cfg, geom, slots, kv_heads=tuple(kv_heads))
     return orig(self, max_total_num_tokens=max_total_num_tokens,
                 mha_pool_class=functools.partial(int2_pool_class(), oscar_setup=setup),
                 quant_method=None)
@@ -238,7 +245,8 @@ def rank_capture(runner):
     if _capture[0] is None:
         from sglang.srt.runtime_context import get_parallel
 
-        from oscar_kv.sglang_plugin.capture import RankCapture, rank_heads
+        from oscar_kv.sglang_plugin.capture import RankCapture
+        from oscar_kv.sglang_plugin.numerics import rank_heads
 
         cfg = read_capture_config()
         geom = model_geometry(runner.model_config)

@@ -28,7 +28,7 @@ import torch
 from oscar_kv.config import ModelGeometry
 from oscar_kv.errors import OscarError
 from oscar_kv.sglang_plugin.env import PluginConfig
-from oscar_kv.sglang_plugin.numerics import load_numerics, rotate
+from oscar_kv.sglang_plugin.numerics import load_numerics, rotate, rotate_keys
 from oscar_kv.sglang_plugin.planner import SlotPlan, SlotPlanner
 from oscar_kv.sglang_plugin.pool_index import PoolIndex, PoolLayout
 from oscar_kv.sglang_plugin.storage import HP_DTYPE, MixedKVStorage
@@ -42,12 +42,14 @@ NO_DENSE = ("the int2 KV pool has no dense {what} buffer; only --attention-backe
 @dataclass(frozen=True)
 class PoolSetup:
     """What H4 knows and the pool constructor does not: the env config, the model's global
-    attention geometry and the number of request slots (`req_to_token_pool.size`)."""
+    attention geometry, the number of request slots (`req_to_token_pool.size`) and the global
+    ids of the KV heads this rank holds (None: all)."""
 
     cfg: PluginConfig
     geometry: ModelGeometry
     max_requests: int
     kernel_backend: str = "auto"
+    kv_heads: tuple[int, ...] | None = None
 
 
 def apply_slot_plan(storage: MixedKVStorage, plan: SlotPlan, req_to_token: torch.Tensor,
@@ -102,8 +104,13 @@ def int2_pool_class() -> type:
             self.layout = PoolLayout(s.cfg.window, size + self.reserve, s.max_requests)
             self.planner = SlotPlanner(PoolIndex(self.layout))
             start = kwargs.get("start_layer") or 0
+            if s.kv_heads is not None and len(s.kv_heads) != kwargs.get("head_num"):
+                raise OscarError(f"the pool holds {kwargs.get('head_num')} KV heads but the "
+                                 f"rank's head map names {len(s.kv_heads)}; this TP layout is "
+                                 "not supported")
             self.numerics = load_numerics(s.cfg, s.geometry, start,
-                                          start + kwargs["layer_num"], kwargs["device"])
+                                          start + kwargs["layer_num"], kwargs["device"],
+                                          s.kv_heads)
             super().__init__(size, *args, **kwargs)
 
         def _create_buffers(self) -> None:
@@ -131,7 +138,7 @@ def int2_pool_class() -> type:
             loc, _, _ = unwrap_write_loc(loc_info)
             layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
             n, i = self.numerics, self.numerics.local(layer_id)
-            k = rotate(cache_k, n.r_k[i], HP_DTYPE)
+            k = rotate_keys(cache_k, n, i, HP_DTYPE)
             v = cache_v.to(HP_DTYPE) if getattr(layer, ABSORBED_ATTR, False) \
                 else rotate(cache_v, n.r_v[i], HP_DTYPE)
             self.storage.write_split(i, self.storage.split_by_value(loc), k, v, n.clip_k[i],

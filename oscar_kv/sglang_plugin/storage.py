@@ -5,9 +5,9 @@ Per local layer l (framework-free; kernels from `oscar_kv.kernels`):
     k_int2[l], v_int2[l]   Int2Store: packed uint8 [int2_rows, Hkv, D/4], scale/zero [.., D/G]
     k_bf16[l], v_bf16[l]   bf16 [bf16_rows, Hkv, D]   (row = flat id - hp_offset)
 
-Every row holds *rotated* K / V (k R_K, v R_V): callers rotate once, to bf16, and hand the
-rows here, so INT2 rows are quantized from exactly the bf16 values a BF16 row would hold (as
-the HF cache does). INT2 slot 0 and the last BF16 row are the reserved dummies that padded
+Every row holds *rotated* K / V ((k - k_mean) R_K, v R_V): callers rotate once, to bf16, and
+hand the rows here, so INT2 rows are quantized from exactly the bf16 values a BF16 row would
+hold (as the HF cache does). INT2 slot 0 and the last BF16 row are the reserved dummies that padded
 CUDA-graph rows and unused entries write to.
 """
 

@@ -80,15 +80,17 @@ class SimServer:
     def __init__(self, window: WindowSpec, spec: QuantSpec, layers: int = 2, hq: int = 4,
                  hkv: int = 2, d: int = 32, n_int2: int = 400, max_reqs: int = 4,
                  absorbed: bool = False, clips=(0.9, 0.85), impl: str = "torch",
-                 kernel_backend: str = "auto", ctx: int = 256) -> None:
+                 kernel_backend: str = "auto", ctx: int = 256, centered: bool = True) -> None:
         self.window, self.spec, self.absorbed = window, spec, absorbed
         self.hq, self.hkv, self.d, self.layers = hq, hkv, d, layers
         lay = PoolLayout(window, n_int2, max_reqs)
         self.planner = SlotPlanner(PoolIndex(lay))
         self.storage = MixedKVStorage(lay, layers, hkv, d, spec, "cpu", kernel_backend)
+        g = torch.Generator().manual_seed(3)
+        k_mean = torch.randn(layers, hkv, d, generator=g) * 0.5 + 0.3 if centered else None
         self.numerics = PoolNumerics(window, spec, orthogonal(layers, d, 1),
                                      orthogonal(layers, d, 2), [clips[0]] * layers,
-                                     [clips[1]] * layers)
+                                     [clips[1]] * layers, k_mean=k_mean)
         self.req_to_token = torch.zeros(max_reqs + 1, ctx, dtype=torch.int32)
         self.streams = Streams(layers, hq, hkv, d, ctx)
         self.impl, self.kernel_backend = impl, kernel_backend
@@ -104,6 +106,8 @@ class SimServer:
         n_, r_k, r_v = self.numerics, self.numerics.r_k[layer], self.numerics.r_v[layer]
         q, k, v = (x[layer] for x in self.streams(rid))
         length = start + n
+        if n_.k_mean is not None:  # keys are stored centered: (k - k_mean) R_K
+            k = k - n_.k_mean[layer]
         want = oracle(q[start:length] @ r_k, k[:length] @ r_k, v[:length] @ r_v, start,
                       self.window, self.spec, n_.clip_k[layer], n_.clip_v[layer], chunk_bf16)
         if not self.absorbed:

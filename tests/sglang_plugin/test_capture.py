@@ -8,7 +8,8 @@ import torch
 from oscar_kv.capture.stats import StatsAccumulator, load_stats
 from oscar_kv.config import ModelGeometry
 from oscar_kv.errors import OscarError
-from oscar_kv.sglang_plugin.capture import RankCapture, merge_capture, rank_heads
+from oscar_kv.sglang_plugin.capture import RankCapture, merge_capture
+from oscar_kv.sglang_plugin.numerics import rank_heads
 
 GEO = ModelGeometry(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=16)
 LENS = [[5, 12], [7, 9, 3]]  # two forwards (server batches) of whole prompts

@@ -61,12 +61,15 @@ class Harness:
         # fp32: summation order only; bf16: the activations' own rounding (outputs ~1)
         self.tol = 2e-4 if dtype == torch.float32 else 6e-2
         rots = {}
+        self.k_mean = torch.randn(LAYERS, HKV, d, generator=torch.Generator().manual_seed(4))
         for t, seed, clip in (("k", 1, clips[0]), ("v", 2, clips[1])):
             g = torch.Generator().manual_seed(seed)
             r, _ = torch.linalg.qr(torch.randn(LAYERS, d, d, generator=g, dtype=torch.float64))
             rots[t] = r.float()
             torch.save(build_checkpoint(r.float(), torch.ones(LAYERS, d), "qqt_r_h_pbr",
-                                        clip_ratios=[clip] * LAYERS), tmp_path / f"{t}.pt")
+                                        clip_ratios=[clip] * LAYERS,
+                                        k_mean=self.k_mean if t == "k" else None),
+                       tmp_path / f"{t}.pt")
         env = {E.ENABLE: "1", E.K_ROTATION_PATH: str(tmp_path / "k.pt"),
                E.V_ROTATION_PATH: str(tmp_path / "v.pt"),
                E.PREFIX_TOKENS: str(window.sink_tokens),
@@ -101,6 +104,7 @@ class Harness:
 
     def _check(self, got, req, layer, start, n, chunk_bf16):
         q, k, v = (x[layer].to(self.dtype).float() for x in self.streams(req.rid))
+        k = k - self.k_mean[layer]  # keys are stored centered: (k - k_mean) R_K
         r_k, r_v, end = self.r_k[layer], self.r_v[layer], start + n
         want = oracle(q[start:end] @ r_k, k[:end] @ r_k, v[:end] @ r_v, start, self.window,
                       self.spec, self.clips[0], self.clips[1], chunk_bf16)
@@ -257,6 +261,7 @@ def test_generic_set_kv_buffer_rotates_and_routes(tmp_path):
     loc = torch.tensor([5, lay.hp_offset + 2])
     k, v = torch.randn(2, HKV, h.d), torch.randn(2, HKV, h.d)
     h.pool.set_kv_buffer(h.layers[1], loc, k, v)
+    k = k - h.k_mean[1]  # centered keys
     torch.testing.assert_close(st.k_bf16[1][2], (k[1] @ h.r_k[1]).to(HP_DTYPE))
     torch.testing.assert_close(st.v_bf16[1][2], (v[1] @ h.r_v[1]).to(HP_DTYPE))
     from oscar_kv.kernels import Int2Store, write_int2

@@ -244,15 +244,17 @@ def test_configurator_builds_int2_pool_and_allocator(tmp_path, monkeypatch):
     ns = SimpleNamespace
     ctx = dict(get_memory=ns(enable_page_major_kv_layout=False),
                get_schedule=ns(prefill_only_disable_kv_cache=False, page_size=1),
-               get_parallel=ns(attn_tp_size=1), get_exec=ns(features=ns(enable_memory_saver=False)),
+               get_parallel=ns(attn_tp_size=2), get_exec=ns(features=ns(enable_memory_saver=False)),
                get_disagg=ns(enable_pdmux=False, disaggregation_mode="null"),
                get_spec=ns(speculative_algorithm=None))
     for name, val in ctx.items():
         monkeypatch.setattr(KC, name, lambda v=val: v)
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel",
+                        lambda: ns(attn_tp_rank=1, attn_tp_size=2))
     hf = ns(architectures=["Qwen3ForCausalLM"], model_type="qwen3", sliding_window=None)
     mc = ns(hf_config=hf, is_encoder_decoder=False, head_dim=64, v_head_dim=64,
             num_hidden_layers=2, num_attention_heads=4, get_total_num_kv_heads=lambda: 2,
-            get_num_kv_heads=lambda tp: 2 // tp)
+            get_num_kv_heads=lambda tp: 1)
     kvc = ns(kv_cache_dtype_str="int2", kv_cache_dtype=torch.bfloat16, model_config=mc,
              server_args=ns(max_running_requests=8, kv_cache_quant_group_size=32,
                             attention_backend="int2_triton"),
@@ -265,6 +267,7 @@ def test_configurator_builds_int2_pool_and_allocator(tmp_path, monkeypatch):
     pool = KC.KVCacheConfigurator._build_token_to_kv_pool(
         kvc, sizes=sizes, is_dsa_model=False, is_dsv4_model=False, req_to_token_pool=req_pool)
     assert pool.oscar_kv_int2 and pool.layout.max_requests == 6
+    assert pool.setup.kv_heads == (1,)  # TP rank 1 of 2 holds KV head 1
     assert pool.layout.num_int2_slots == 507 and pool.numerics.spec.group_size == 32
     alloc = KC.KVCacheConfigurator._build_token_to_kv_pool_allocator(
         kvc, sizes=sizes, token_to_kv_pool=pool, is_dsv4_model=False,
