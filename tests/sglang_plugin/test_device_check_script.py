@@ -66,7 +66,11 @@ def test_agreement_and_verdict(dc):
 def test_hf_reference_teacher_forcing_on_cpu(dc, tiny_lm_dir, tmp_path):
     """bf16 method teacher-forced on its own greedy tokens agrees with itself; the oscar method
     runs through chunked prefill with a rotation directory."""
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 17):
+        pytest.skip(f"the HF oscar path needs transformers >= 5.17, this venv has "
+                    f"{transformers.__version__} (SGLang's pin); the device script runs it in a "
+                    "subprocess without the overlay")
     from transformers import AutoModelForCausalLM
 
     d, layers = 128, 6
