@@ -160,14 +160,15 @@ def int2_backend_class() -> type:
             self.forward_metadata: DecodeMeta | ExtendPlan | None = None
             self.graph: GraphBuffers | None = None
             self.graph_plans: dict[int, DecodePlan] = {}
-            self.eager_plans: dict[tuple[int, int], DecodePlan] = {}
+            self.eager_plans: dict[int, DecodePlan] = {}
             self._checked: set[int] = set()
 
         # ---- metadata ----------------------------------------------------------------
-        def _plan(self, bs: int, width: int) -> DecodePlan:
-            """Split-K plan for tables of `width` columns; BF16 splits capped by
-            SGLANG_MIXED_KV_HP_MAX_SPLITS."""
-            s = self.storage
+        def _plan(self, bs: int) -> DecodePlan:
+            """Split-K plan for tables up to the context length (the tables of one step may be
+            narrower: splits follow each sequence's own length); BF16 splits capped by
+            SGLANG_MIXED_KV_HP_MAX_SPLITS. One per batch size, so the cache stays bounded."""
+            s, width = self.storage, self.req_to_token.shape[1]
             kw = dict(max_body_len=max(width - s.window.sink_tokens, 0),
                       max_hp_len=hp_table_len(s.window, width), device=self.device,
                       out_dtype=self.dtype)
@@ -195,12 +196,11 @@ def int2_backend_class() -> type:
             if mode.is_idle():
                 self.forward_metadata = None
             elif mode.is_decode():
-                width = self._width(fb)
-                key = (fb.batch_size, width)
-                if key not in self.eager_plans:
-                    self.eager_plans[key] = self._plan(*key)
-                self.forward_metadata = DecodeMeta(self._tables(fb, width),
-                                                   self.eager_plans[key])
+                bs = fb.batch_size
+                if bs not in self.eager_plans:
+                    self.eager_plans[bs] = self._plan(bs)
+                self.forward_metadata = DecodeMeta(self._tables(fb, self._width(fb)),
+                                                   self.eager_plans[bs])
             elif mode in (mode.EXTEND, mode.MIXED):
                 prefix, ext = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
                 if prefix is None or ext is None:  # gpu-only batch: one host sync (extend only)
@@ -232,7 +232,7 @@ def int2_backend_class() -> type:
                 raise OscarError("init_cuda_graph_state must run before CUDA-graph metadata")
             bs = fb.batch_size
             if in_capture:
-                self.graph_plans[bs] = self._plan(bs, self.graph.width)
+                self.graph_plans[bs] = self._plan(bs)
             if bs not in self.graph_plans:
                 raise OscarError(f"no CUDA graph was captured for batch size {bs}")
             self.graph.fill(self._tables(fb, min(self._width(fb), self.graph.width)))
