@@ -1,12 +1,13 @@
 """SGLang classes of the mixed pool: the KV pool (H4) and its token allocator (imports sglang).
 
 `Int2MHATokenToKVPool(MHATokenToKVPool)` holds, for this rank's layers, a `MixedKVStorage`
-(INT2 rows [size + 1, Hkv, D/4] + scale/zero, BF16 arena [max_requests * slab + 1, Hkv, D]),
-the `PoolNumerics` (rotations, clips) and the scheduler's `SlotPlanner`. `size` is SGLang's
-`max_total_num_tokens`, which H5 already computed net of the BF16 arena, so everything here is
-inside the memory budget. Generic dense-buffer accessors raise: only the int2 backend reads
-this pool. `set_kv_buffer` is the generic write (unrotated post-RoPE K, raw V -> rotated,
-routed by slot id); the backend writes pre-rotated rows with precomputed routing instead.
+(INT2 rows [size + F, Hkv, D/4] + scale/zero, BF16 arena [max_requests * slab + 1, Hkv, D]),
+the `PoolNumerics` (rotations, key means, clips) and the scheduler's `SlotPlanner`. `size` is
+SGLang's `max_total_num_tokens`, which H5 already computed net of the BF16 arena, so
+everything here is inside the memory budget. Generic dense-buffer accessors raise: only the
+int2 backend reads this pool. `set_kv_buffer` is the generic write (unrotated post-RoPE K,
+raw V -> rotated, routed by slot id); the backend writes pre-rotated rows with precomputed
+routing instead.
 
 The INT2 store has `size + F - 1` slots (+ the dummy): SGLang's prefill admission counts a
 chunk's own tokens, but continuing a chunked prompt also moves up to F - 1 already stored
