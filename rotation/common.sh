@@ -33,16 +33,6 @@ require_calib_data() {
   fi
 }
 
-# Models whose calibration needs tensor parallelism cannot use the HF capture yet.
-require_hf_capture() {
-  if [[ "${TP_DUMP:-1}" != "1" && "${FORCE_HF_CAPTURE:-0}" != "1" ]]; then
-    echo "error: $MODEL needs TP=$TP_DUMP for capture; the SGLang capture path is not yet" \
-      "available in oscar-kv. Use published rotations (scripts/fetch_rotations.py), or a" \
-      "reference raw dump converted with oscar_kv.capture.rawdump, or FORCE_HF_CAPTURE=1." >&2
-    exit 3
-  fi
-}
-
 # Start METHOD's server, wait for /health, run the tasks in $1, stop the server.
 serve_and_eval() {
   "$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL" --method "$METHOD" \

@@ -9,5 +9,12 @@ source "$HERE/vars.sh"
 # shellcheck source=/dev/null
 source "$HERE/../common.sh"
 FIT_METHOD=${FIT_METHOD:-qqt_sst}
+# Clips: with held-out calibration sequences (HF capture) the model-level selection on the
+# model itself; without them (SGLang capture of TP models) the model's fixed K_CLIP/V_CLIP.
+if [[ -f "$STATS_DIR/holdout.pt" ]]; then
+  clip=(--model "$MODEL_PATH" --dtype bfloat16 --device "${FIT_DEVICE:-cuda}")
+else
+  clip=(--clip-k "$K_CLIP" --clip-v "$V_CLIP")
+fi
 exec "$PYTHON" -m oscar_kv fit --stats "$STATS_DIR" --out "$ROT_DIR" --method "$FIT_METHOD" \
-  --group-size "$GROUP_SIZE"
+  --group-size "$GROUP_SIZE" "${clip[@]}"

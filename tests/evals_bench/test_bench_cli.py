@@ -104,10 +104,30 @@ def test_rotation_scripts_shellcheck():
     assert r.returncode == 0, r.stdout
 
 
-def test_tp_capture_says_not_available(tmp_path):
+def test_tp_models_calibrate_inside_sglang_and_fit_fixed_clips(tmp_path):
+    """GLM-4.7 (TP_DUMP 8): save_qkv.sh runs the SGLang server capture, compute_rotation.sh
+    (no holdout.pt) fits with the model's fixed clips; a 1-GPU model keeps the HF capture."""
     r = subprocess.run(["bash", str(REPO / "rotation" / "GLM-4.7" / "save_qkv.sh")],
                        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-    assert r.returncode == 3 and "not yet" in r.stderr
+    assert r.returncode == 2 and "CALIB_DATA" in r.stderr
+    csv = tmp_path / "gpqa.csv"
+    csv.write_text("x")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "CALIB_DATA": str(csv),
+           "STATS_DIR": str(tmp_path / "stats"), "ROT_DIR": str(tmp_path / "rot")}
+    run = lambda model, script: subprocess.run(
+        ["bash", str(REPO / "rotation" / model / script)], capture_output=True, text=True,
+        env=env)
+    r = run("GLM-4.7", "save_qkv.sh")
+    assert r.returncode == 0 and "-m oscar_kv.capture.server_capture" in r.stdout
+    assert "--tp 8" in r.stdout
+    r = run("GLM-4.7", "compute_rotation.sh")
+    assert r.returncode == 0 and "--clip-k" in r.stdout and "--model" not in r.stdout
+    r = run("qwen3-8B", "save_qkv.sh")
+    assert r.returncode == 0 and "-m oscar_kv calibrate" in r.stdout
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "holdout.pt").write_text("x")
+    r = run("qwen3-8B", "compute_rotation.sh")
+    assert r.returncode == 0 and "--model Qwen/Qwen3-8B" in r.stdout
 
 
 def test_scripts(tmp_path, capsys):
