@@ -11,7 +11,9 @@ source "$HERE/../common.sh"
 FIT_METHOD=${FIT_METHOD:-qqt_sst}
 # Clips: with held-out calibration sequences (HF capture) the model-level selection on the
 # model itself; without them (SGLang capture of TP models) the model's fixed K_CLIP/V_CLIP.
-if [[ -f "$STATS_DIR/holdout.pt" ]]; then
+if [[ "$FIT_METHOD" == identity || "$FIT_METHOD" == hadamard ]]; then
+  clip=(--no-fit-clip)  # the naive / hadamard baselines never clip
+elif [[ -f "$STATS_DIR/holdout.pt" ]]; then
   clip=(--model "$MODEL_PATH" --dtype bfloat16 --device "${FIT_DEVICE:-cuda}")
 else
   clip=(--clip-k "$K_CLIP" --clip-v "$V_CLIP")

@@ -128,6 +128,9 @@ def test_tp_models_calibrate_inside_sglang_and_fit_fixed_clips(tmp_path):
     (tmp_path / "stats" / "holdout.pt").write_text("x")
     r = run("qwen3-8B", "compute_rotation.sh")
     assert r.returncode == 0 and "--model Qwen/Qwen3-8B" in r.stdout
+    env["FIT_METHOD"] = "identity"
+    r = run("qwen3-8B", "compute_rotation.sh")
+    assert r.returncode == 0 and "--no-fit-clip" in r.stdout and "--model" not in r.stdout
 
 
 def test_scripts(tmp_path, capsys):
