@@ -57,6 +57,10 @@ def test_server_env_and_command():
     assert cmd[1:3] == ["-m", "sglang.launch_server"] and "int2" in cmd
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "4" and "qwen3" in cmd
     assert "int2" not in server_command("m", "bf16", 1, 1)
+    assert "--decode-attention-backend" not in cmd  # int2 uses the plugin's own backend
+    # no clip arguments: the plugin reads the ratios fitted into the checkpoint
+    fitted = server_env("oscar", "/r", None, None, base={"SGLANG_OSCAR_K_CLIP_RATIO": "0.5"})
+    assert "SGLANG_OSCAR_K_CLIP_RATIO" not in fitted and "SGLANG_OSCAR_V_CLIP_RATIO" not in fitted
 
 
 def _free_port() -> int:

@@ -36,10 +36,13 @@ ROTATION_FILES = {
 }
 
 
-def server_env(method: str, rot_dir: str | None, k_clip: float, v_clip: float,
+def server_env(method: str, rot_dir: str | None, k_clip: float | None, v_clip: float | None,
                sink_tokens: int = 64, recent_tokens: int = 256, scale_dtype: str = "bfloat16",
                absorb_v: bool = True, base: dict | None = None) -> dict[str, str]:
-    """The server's environment for `method` (a copy of `base`, default os.environ)."""
+    """The server's environment for `method` (a copy of `base`, default os.environ).
+
+    oscar: k_clip / v_clip None leave the clip flags unset, so the plugin uses the ratios fitted
+    into the checkpoint; naive / hadamard never clip."""
     env = {k: v for k, v in (os.environ if base is None else base).items()
            if k not in flags.FLAGS}
     env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
@@ -52,11 +55,13 @@ def server_env(method: str, rot_dir: str | None, k_clip: float, v_clip: float,
         raise OscarError(f"method {method} needs --rot-dir holding {need}")
     k_file, v_file = (str(Path(rot_dir) / f) for f in ROTATION_FILES[method])
     clip = (k_clip, v_clip) if method == "oscar" else (0.0, 0.0)
+    for flag, ratio in ((flags.K_CLIP_RATIO, clip[0]), (flags.V_CLIP_RATIO, clip[1])):
+        if ratio is not None:
+            env[flag] = str(ratio)
     env.update({flags.ENABLE: "1", flags.PREFIX_TOKENS: str(sink_tokens),
                 flags.RECENT_TOKENS: str(recent_tokens), flags.HP_DTYPE: "bfloat16",
                 flags.SCALE_DTYPE: scale_dtype, flags.HP_MAX_SPLITS: "8",
                 flags.K_ROTATION_PATH: k_file, flags.V_ROTATION_PATH: v_file,
-                flags.K_CLIP_RATIO: str(clip[0]), flags.V_CLIP_RATIO: str(clip[1]),
                 flags.ABSORB_V_ROTATION: "1" if absorb_v else "0",
                 flags.LLOYD_MAX: os.environ.get(flags.LLOYD_MAX, "0")})
     return env
@@ -70,11 +75,11 @@ def server_command(model_path: str, method: str, tp: int, port: int, group_size:
            "--tensor-parallel-size", str(tp), "--host", "127.0.0.1", "--port", str(port),
            "--trust-remote-code", "--mem-fraction-static", "0.8",
            "--max-running-requests", "64", "--cuda-graph-max-bs", "32",
-           "--prefill-attention-backend", "fa3", "--decode-attention-backend", "triton",
            "--enable-cache-report"]
     if method == "bf16":
-        cmd += ["--kv-cache-dtype", "auto"]
-    else:
+        cmd += ["--kv-cache-dtype", "auto", "--prefill-attention-backend", "fa3",
+                "--decode-attention-backend", "triton"]
+    else:  # the plugin picks its own int2_triton attention backend
         cmd += ["--kv-cache-dtype", "int2", "--kv-cache-quant-group-size", str(group_size)]
     if reasoning_parser:
         cmd += ["--reasoning-parser", reasoning_parser]
@@ -119,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rot-dir", default=None, help="rotation folder (INT2 methods)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--port", type=int, default=31057)
-    ap.add_argument("--k-clip", type=float, default=0.96)
-    ap.add_argument("--v-clip", type=float, default=0.92)
+    ap.add_argument("--k-clip", type=float, default=None,
+                    help="override the checkpoint's K clip ratio (oscar only)")
+    ap.add_argument("--v-clip", type=float, default=None,
+                    help="override the checkpoint's V clip ratio (oscar only)")
     ap.add_argument("--sink-tokens", type=int, default=64)
     ap.add_argument("--recent-tokens", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=128)
