@@ -22,14 +22,13 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from oscar_kv.errors import OscarError
+from oscar_kv.server_process import launched, wait_until
 
 CAPTURE_DIR_ENV = "SGLANG_OSCAR_CAPTURE_DIR"
 CAPTURE_TOKENS_ENV = "SGLANG_OSCAR_CAPTURE_TOKENS"
@@ -51,7 +50,7 @@ def _post(url: str, payload: dict, timeout: float) -> dict:
         return json.loads(r.read() or b"{}")
 
 
-def _healthy(base: str) -> bool:
+def healthy(base: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
             return r.status == 200
@@ -70,22 +69,10 @@ def prefill_all(base: str, sequences: list[list[int]], timeout: float = 600.0) -
     return sent
 
 
-def wait_for_ranks(capture_dir: Path, tp: int, proc: subprocess.Popen, timeout_s: float,
-                   poll_s: float = 2.0) -> list[Path]:
-    """Wait until tp rank<r>/pass1.pt files exist (the server writes them when the token budget
-    is reached); raise if the server dies or the time runs out."""
-    t0 = time.monotonic()
-    while True:
-        found = sorted(capture_dir.glob("rank*/pass1.pt"))
-        if len(found) >= tp:
-            return found
-        if proc.poll() is not None:
-            raise OscarError(f"the server exited (code {proc.returncode}) before all {tp} "
-                             f"ranks wrote their capture; see {capture_dir}/server.log")
-        if time.monotonic() - t0 > timeout_s:
-            raise OscarError(f"only {len(found)} of {tp} ranks wrote {capture_dir}/rank*/"
-                             f"pass1.pt after {timeout_s:.0f} s; see {capture_dir}/server.log")
-        time.sleep(poll_s)
+def ranks_done(capture_dir: Path, tp: int) -> bool:
+    """True once every rank wrote rank<r>/pass1.pt (the plugin does so when the token budget
+    is reached)."""
+    return len(list(capture_dir.glob("rank*/pass1.pt"))) >= tp
 
 
 def run_server_capture(model_path: str, data: str, out: str, tp: int = 1,
@@ -95,7 +82,6 @@ def run_server_capture(model_path: str, data: str, out: str, tp: int = 1,
                        keep_spill: bool = False, tokenizer=None) -> Path:
     """Calibrate `model_path` inside an SGLang server; returns OUT (with stats.pt)."""
     from oscar_kv.capture.data import load_calibration_data, load_hf_tokenizer
-    from oscar_kv.evals.bench.serve import stop_server
     from oscar_kv.sglang_plugin.capture import merge_capture
 
     out_dir = Path(out)
@@ -119,24 +105,13 @@ def run_server_capture(model_path: str, data: str, out: str, tp: int = 1,
            else server_command(model_path, tp, port, max(len(s) for s in seqs), server_args))
     print(f"capture: {len(seqs)} sequences, {total} tokens -> {out_dir}")
     print("server cmd: " + shlex.join(cmd))
-    base = f"http://127.0.0.1:{port}"
-    with open(out_dir / "server.log", "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            t0 = time.monotonic()
-            while not _healthy(base):
-                if proc.poll() is not None:
-                    raise OscarError(f"the server exited with code {proc.returncode} before it "
-                                     f"was healthy; see {out_dir}/server.log")
-                if time.monotonic() - t0 > health_timeout:
-                    raise OscarError(f"the server was not healthy after {health_timeout:.0f} s;"
-                                     f" see {out_dir}/server.log or raise --health-timeout")
-                time.sleep(2.0)
-            prefill_all(base, seqs)
-            wait_for_ranks(out_dir, tp, proc, capture_timeout)
-        finally:
-            stop_server(proc)
+    base, log = f"http://127.0.0.1:{port}", out_dir / "server.log"
+    with launched(cmd, env, log) as proc:
+        wait_until(lambda: healthy(base), proc, health_timeout, 2.0,
+                   "it was healthy (raise --health-timeout if it is only slow)", log)
+        prefill_all(base, seqs)
+        wait_until(lambda: ranks_done(out_dir, tp), proc, capture_timeout, 2.0,
+                   f"all {tp} ranks wrote their capture (rank*/pass1.pt)", log)
     merge_capture(out_dir)
     if not keep_spill:
         for rank_dir in out_dir.glob("rank*"):

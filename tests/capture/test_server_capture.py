@@ -51,7 +51,7 @@ def test_sends_exactly_the_calibration_sequences_then_merges(tmp_path, tokens, m
 
 def test_missing_ranks_time_out_with_a_clear_message(tmp_path, tokens, monkeypatch):
     monkeypatch.setattr("oscar_kv.sglang_plugin.capture.merge_capture", lambda d: d)
-    with pytest.raises(OscarError, match="only 1 of 2 ranks wrote"):
+    with pytest.raises(OscarError, match="waiting until all 2 ranks wrote"):
         server_capture.run_server_capture(
             "unused-model", tokens, str(tmp_path / "s"), tp=2, max_tokens=600, seq_len=256,
             port=_free_port(), server_cmd=f"{sys.executable} {FAKE} 1", health_timeout=30,

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from oscar_kv.errors import OscarError
 from oscar_kv.evals.bench.__main__ import add_run_args, run_tasks
 from oscar_kv.evals.bench.client import ChatClient, ClientConfig
+from oscar_kv.server_process import launched, wait_until
 from oscar_kv.sglang_plugin import env as flags
 
 METHODS = ("bf16", "naive", "hadamard", "oscar")
@@ -89,31 +88,8 @@ def server_command(model_path: str, method: str, tp: int, port: int, group_size:
 def wait_healthy(client: ChatClient, proc: subprocess.Popen, timeout_s: float,
                  poll_s: float = 5.0, log_path: str = "") -> None:
     """Poll /health until 200; raise if the server exits or `timeout_s` passes."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise OscarError(f"the server exited with code {proc.returncode} before it was "
-                             f"healthy; see {log_path or 'its log'}")
-        if client.health():
-            return
-        time.sleep(poll_s)
-    raise OscarError(f"the server was not healthy after {timeout_s:.0f} s; see "
-                     f"{log_path or 'its log'} or raise --health-timeout")
-
-
-def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
+    wait_until(client.health, proc, timeout_s, poll_s,
+               "it was healthy (raise --health-timeout if it is only slow)", log_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,15 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         base_url = f"http://127.0.0.1:{args.port}/v1"
         client = ChatClient(ClientConfig(base_url=base_url, model=args.model_path))
-        with open(out / "server.log", "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                wait_healthy(client, proc, args.health_timeout, args.health_poll,
-                             str(out / "server.log"))
-                run_tasks(args, base_url, args.model_path)
-            finally:
-                stop_server(proc)
+        with launched(cmd, env, out / "server.log") as proc:
+            wait_healthy(client, proc, args.health_timeout, args.health_poll,
+                         str(out / "server.log"))
+            run_tasks(args, base_url, args.model_path)
     except OscarError as e:
         print(f"oscar-kv serve: error: {e}", file=sys.stderr)
         return 2

@@ -173,6 +173,39 @@ def _load_slots(slot_row, n0, offs, end, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
+                     D4: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr):
+    """The g query rows of a KV head (padded rows masked to 0) as four [BLOCK_H, D/4] dot
+    operands, one per quarter of head_dim (the quartered packing's fields)."""
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
+    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, wz,
+                    acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
+                    stride_lh, D4: tl.constexpr):
+    """Write a split's normalised partial output (acc_i - wz) / lsum per quarter and its
+    log2-sum-exp (-inf and zeros for an empty piece)."""
+    has = lsum > 0.0
+    inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
+    lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
+    o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+             + split * stride_os + offs_q[None, :])
+    mask_o = mask_h[:, None]
+    wzc = wz[:, None]
+    tl.store(o_row, (acc0 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=mask_o)
+    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=mask_o)
+    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
 def _int2_part(
     q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
     mid_o_ptr, mid_lse_ptr,
@@ -199,11 +232,8 @@ def _int2_part(
     mask_h = offs_h < GQA
     heads = kvh * GQA + offs_h
     offs_q = tl.arange(0, D4)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
+                                      D4, DOT, EMU)
     # sum of the operand q (as rounded for the dot), so the zero term matches the dots
     qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
             + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
@@ -253,18 +283,9 @@ def _int2_part(
             kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
             slot_n = slot_nn
 
-    has = lsum > 0.0
-    inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
-    lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
-    o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + split * stride_os + offs_q[None, :])
-    mask_o = mask_h[:, None]
-    wzc = wz[:, None]
-    tl.store(o_row, (acc0 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=mask_o)
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, wz,
+                    acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
+                    stride_lh, D4)
 
 
 @triton.jit
@@ -290,11 +311,8 @@ def _int2_group_part(
     mask_h = offs_h < GQA
     heads = kvh * GQA + offs_h
     offs_q = tl.arange(0, D4)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
+                                      D4, DOT, EMU)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -345,17 +363,10 @@ def _int2_group_part(
             else:
                 acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None])
 
-    has = lsum > 0.0
-    inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
-    lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
-    o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + split * stride_os + offs_q[None, :])
-    mask_o = mask_h[:, None]
-    tl.store(o_row, acc0 * inv, mask=mask_o)
-    tl.store(o_row + D4, acc1 * inv, mask=mask_o)
-    tl.store(o_row + 2 * D4, acc2 * inv, mask=mask_o)
-    tl.store(o_row + 3 * D4, acc3 * inv, mask=mask_o)
-    tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    no_zero = tl.zeros([BLOCK_H], tl.float32)  # dequantized in registers: no zero term
+    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, no_zero,
+                    acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
+                    stride_lh, D4)
 
 
 @triton.jit
