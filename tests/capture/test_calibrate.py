@@ -13,7 +13,7 @@ from oscar_kv.capture.stats import load_holdout, load_stats
 from oscar_kv.errors import OscarError
 
 pytestmark = pytest.mark.model
-LAYER_KEYS = {"qq", "kk", "vv", "wvv", "w_sum", "svv", "s_sum", "n", "n_q"}
+LAYER_KEYS = {"qq", "kk", "vv", "wvv", "w_sum", "svv", "s_sum", "k_sum", "n", "n_q"}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def test_calibrate_reference_model_schema(tiny_lm_dir, tiny_data, tmp_path) -> N
             assert torch.isfinite(x).all() and torch.allclose(x, x.transpose(1, 2))
             assert torch.linalg.eigvalsh(x).min() > -1e-8 * x.diagonal(dim1=1, dim2=2).sum()
         assert (layer["w_sum"] > 0).all() and (layer["s_sum"] > 0).all()
+        assert layer["k_sum"].shape == (2, 128) and layer["k_sum"].dtype == torch.float64
         # s_t sums to the number of query rows' attention energy: between T/T and T per sequence
         assert (layer["s_sum"] <= 512 + 1e-6).all()
     held = load_holdout(tmp_path / "stats")
