@@ -5,6 +5,8 @@ L2 flushed between calls):
   int2        our split-K decode: INT2 body (dequantized in registers) + BF16 sink/recent
   bf16_triton the same kernel design over a fully BF16 cache (all tokens in the BF16 tier)
   sdpa        torch scaled_dot_product_attention (enable_gqa) over the same BF16 cache
+  flashinfer  FlashInfer's BF16 batch decode over the same store as pages of 16 (when the
+              flashinfer package imports, e.g. from the SGLang wheel set; eager launches)
 and prints time, bytes read, GB/s, % of peak (4.8 TB/s for the H200) and speedups.
 Results go to benchmarks/results/bench_decode-<gpu>-<date>.json with the environment.
 
@@ -89,6 +91,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+FI_PAGE = 16  # FlashInfer page size over the same BF16 store (slot = b * ctx + pos)
+
+
+def flashinfer_decode(q, k_bf16, v_bf16, batch: int, ctx: int):
+    """FlashInfer's BF16 batch decode over the benchmark's BF16 store viewed as pages of
+    FI_PAGE slots (sequence b owns pages b*ctx/P ...). Returns a zero-argument callable (the
+    host-side plan is done here, once). Needs flashinfer-python (JIT-compiled with nvcc)."""
+    import flashinfer
+
+    _, hq, d = q.shape
+    hkv = k_bf16.shape[1]
+    if ctx % FI_PAGE:
+        raise ValueError(f"context {ctx} is not a multiple of the page size {FI_PAGE}")
+    pages = ctx // FI_PAGE
+    i32 = {"dtype": torch.int32, "device": q.device}
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    wrapper.plan(torch.arange(batch + 1, **i32) * pages, torch.arange(batch * pages, **i32),
+                 torch.full((batch,), FI_PAGE, **i32), hq, hkv, d, FI_PAGE,
+                 pos_encoding_mode="NONE", data_type=k_bf16.dtype, q_data_type=q.dtype)
+    cache = (k_bf16.view(-1, FI_PAGE, hkv, d), v_bf16.view(-1, FI_PAGE, hkv, d))
+    return lambda: wrapper.run(q, cache)
+
+
 def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> dict:
     hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
     spec = QuantSpec(group_size=min(args.group_size, d), scale_dtype=args.scale_dtype)
@@ -118,6 +144,15 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
         q4, kv_view(k_bf16), kv_view(v_bf16), enable_gqa=True)
 
+    fi = None
+    if args.flashinfer and device == "cuda":
+        try:
+            fi = flashinfer_decode(q, k_bf16, v_bf16, batch, ctx)
+            fi()
+        except Exception as e:  # noqa: BLE001 - an optional baseline: report, keep going
+            fi = None
+            print(f"    flashinfer unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
     check = {}
     want = None
     # the reference materialises fp32 K and V of every slot: 2 x 4 GiB at 2^20 tokens
@@ -126,6 +161,8 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
                                     out_dtype=torch.float32)
         check["int2_rel_err"] = rel_err(ours(), want)
         check["bf16_triton_vs_sdpa_rel_err"] = rel_err(base(), sdpa()[:, :, 0])
+        if fi is not None:
+            check["flashinfer_vs_sdpa_rel_err"] = rel_err(fi(), sdpa()[:, :, 0])
 
     slot_bytes = mixed.int2_slots.element_size()
     n_ours = bytes_mixed(batch, body, hp, hq, hkv, d, spec, slot_bytes)
@@ -133,15 +170,21 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     res = {"batch": batch, "context": ctx, "body_tokens": body, "bf16_tokens": hp,
            "int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits,
            "bf16_splits": plan_bf16.hp_splits, **check}
-    for name, fn, nbytes in (("int2", ours, n_ours), ("bf16_triton", base, n_bf16),
-                             ("sdpa", sdpa, n_bf16)):
-        graph = args.graph and (name != "sdpa" or args.graph_sdpa)
+    cases = [("int2", ours, n_ours), ("bf16_triton", base, n_bf16), ("sdpa", sdpa, n_bf16)]
+    if fi is not None:
+        cases.append(("flashinfer", fi, n_bf16))
+    for name, fn, nbytes in cases:
+        graph = args.graph and (name not in ("sdpa", "flashinfer") or args.graph_sdpa)
         ms = bench(fn, device, graph, args.reps)
         gbs = nbytes / (ms * 1e-3) / 1e9
         res[name] = {"ms": ms, "bytes": nbytes, "gb_s": gbs,
                      "pct_peak": 100 * gbs / args.peak_gbs}
     res["speedup_vs_bf16_triton"] = res["bf16_triton"]["ms"] / res["int2"]["ms"]
     res["speedup_vs_sdpa"] = res["sdpa"]["ms"] / res["int2"]["ms"]
+    if fi is not None:
+        res["speedup_vs_flashinfer"] = res["flashinfer"]["ms"] / res["int2"]["ms"]
+    best = min(res[n]["ms"] for n in ("bf16_triton", "sdpa", "flashinfer") if n in res)
+    res["speedup_vs_best_bf16"] = best / res["int2"]["ms"]
     if args.sweep:
         res["sweep"] = sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed,
                              ours().float() if want is None else want, n_ours,
@@ -230,7 +273,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="H200 HBM3e: 4.8 TB/s")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
                     help="time eager launches instead of CUDA graph replays")
-    ap.add_argument("--graph-sdpa", action="store_true", help="also graph-capture SDPA")
+    ap.add_argument("--graph-sdpa", action="store_true",
+                    help="also graph-capture SDPA and FlashInfer")
+    ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
+                    help="skip the FlashInfer BF16 baseline (used when flashinfer imports)")
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true",
@@ -256,7 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"Hq={args.num_q_heads} Hkv={args.num_kv_heads} D={args.head_dim}")
     head = (f"{'B':>3} {'ctx':>7} | {'int2 ms':>8} {'GB/s':>7} {'%pk':>5} | {'bf16T ms':>8} "
-            f"{'GB/s':>7} {'%pk':>5} | {'sdpa ms':>8} | {'x bf16T':>7} {'x sdpa':>7}")
+            f"{'GB/s':>7} {'%pk':>5} | {'sdpa ms':>8} {'fi ms':>8} | {'x bf16T':>7} "
+            f"{'x sdpa':>7} {'x best':>7}")
     print(head)
     results = []
     for batch in args.batch:
@@ -266,8 +313,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             a, b, s = r["int2"], r["bf16_triton"], r["sdpa"]
             print(f"{batch:>3} {ctx:>7} | {a['ms']:>8.4f} {a['gb_s']:>7.0f} "
                   f"{a['pct_peak']:>5.1f} | {b['ms']:>8.4f} {b['gb_s']:>7.0f} "
-                  f"{b['pct_peak']:>5.1f} | {s['ms']:>8.4f} | "
-                  f"{r['speedup_vs_bf16_triton']:>7.2f} {r['speedup_vs_sdpa']:>7.2f}", flush=True)
+                  f"{b['pct_peak']:>5.1f} | {s['ms']:>8.4f} "
+                  f"{r.get('flashinfer', {}).get('ms', float('nan')):>8.4f} | "
+                  f"{r['speedup_vs_bf16_triton']:>7.2f} {r['speedup_vs_sdpa']:>7.2f} "
+                  f"{r['speedup_vs_best_bf16']:>7.2f}", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +326,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     path.write_text(json.dumps({"env": env, "args": cfg, "results": results}, indent=1))
     print(f"# wrote {path}")
     worst = max((r.get(k, 0.0) for r in results
-                 for k in ("int2_rel_err", "bf16_triton_vs_sdpa_rel_err")), default=0.0)
+                 for k in ("int2_rel_err", "bf16_triton_vs_sdpa_rel_err",
+                           "flashinfer_vs_sdpa_rel_err")), default=0.0)
     if not math.isfinite(worst) or worst > 2e-2:  # bf16 output rounding is ~4e-3
         raise SystemExit(f"a decode kernel disagrees with its reference (rel err {worst:.3g})")
     return results
