@@ -17,13 +17,15 @@ runs for one layer: q, k post-RoPE and unrotated (keys are centered by the check
 means before R_K), v pre-rotated iff `absorbed`; the output
 is in V's original domain unless absorbed (then o_proj holds R_V^T).
 
-`plan_extend` does the host work once per forward from host lengths (no host sync);
-`extend_attention` runs one layer through an implementation from `EXTEND_IMPLS`:
+`plan_extend` does the host work once per forward from host lengths (no host sync, one H2D
+copy, one gather of every prefix's slot ids); `extend_attention` runs one layer through an
+implementation from `EXTEND_IMPLS`:
 
   "torch"  `kernels.prefill_attention` per request (fp32 math; the CPU path and the oracle);
-  "sglang" the prefix dequantized to the model dtype (`kernels.dequantize_prefix`), then
-           SGLang's Triton `extend_attention_fwd` over [prefix | chunk] for the whole batch
-           (the GPU path; its memory is linear in the prefix, not quadratic).
+  "sglang" every request's prefix dequantized to the model dtype in one gather per layer and
+           side (`dequantize_prefixes`, row for row `kernels.dequantize_prefix`), then SGLang's
+           Triton `extend_attention_fwd` over [prefix | chunk] for the whole batch (the GPU
+           path; its memory is linear in the prefix, not quadratic).
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from oscar_kv.cache.windows import body_end
 from oscar_kv.kernels import (
     DecodePlan,
+    Int2Store,
     KVTables,
     decode_attention,
-    dequantize_prefix,
     prefill_attention,
 )
+from oscar_kv.kernels.ref import gather_int2_rows
 from oscar_kv.registry import Registry
 from oscar_kv.sglang_plugin.numerics import PoolNumerics, rotate, rotate_keys, unrotate
 from oscar_kv.sglang_plugin.storage import HP_DTYPE, MixedKVStorage, RowSplit
@@ -49,15 +53,21 @@ from oscar_kv.sglang_plugin.storage import HP_DTYPE, MixedKVStorage, RowSplit
 
 @dataclass(frozen=True)
 class ExtendPlan:
-    """One extend forward. prefix_lens, extend_lens: host ints per request; split: where
-    the new rows go; prefix: per request KVTables (batch 1) of its cached prefix, or None;
-    qo_indptr [B+1], kv_indptr [B+1], kv_indices [sum prefix]: device int32/int64 for the
-    batched kernel (kv_indices index the concatenated dequantized prefixes)."""
+    """One extend forward. prefix_lens, extend_lens, body_lens, hp_lens: host ints per request
+    (hp = BF16 sink + recent rows of the prefix); split: where the new rows go;
+    body_slots [sum body_lens] INT2 ids and hp_rows [sum hp_lens] BF16 store rows of every
+    request's cached prefix, batch order (request i: body then sink, then recent);
+    qo_indptr, kv_indptr [B+1] int32 and kv_indices [sum prefix] int64 for the batched kernel:
+    kv_indices index cat(body rows, hp rows), so request i reads its body rows, then its BF16
+    rows, in the order above."""
 
     prefix_lens: list[int]
     extend_lens: list[int]
+    body_lens: list[int]
+    hp_lens: list[int]
     split: RowSplit
-    prefix: list[KVTables | None]
+    body_slots: torch.Tensor
+    hp_rows: torch.Tensor
     qo_indptr: torch.Tensor
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
@@ -66,64 +76,73 @@ class ExtendPlan:
     def max_extend(self) -> int:
         return max(self.extend_lens, default=0)
 
+    def prefix_tables(self, i: int) -> KVTables | None:
+        """Request i's prefix as batch-1 KVTables (views), None without a prefix."""
+        if not self.prefix_lens[i]:
+            return None
+        nb, nh = self.body_lens[i], self.hp_lens[i]
+        b0, h0 = sum(self.body_lens[:i]), sum(self.hp_lens[:i])  # CPU path only
+        lens = torch.tensor([nb, nh], dtype=torch.int32, device=self.body_slots.device)
+        return KVTables(self.body_slots[None, b0:b0 + nb], lens[:1],
+                        self.hp_rows[None, h0:h0 + nh], lens[1:])
 
-def _ranges(spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    parts = [torch.arange(a, b, dtype=torch.long) for a, b in spans if b > a]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-
-def _indptr(lens: Sequence[int]) -> torch.Tensor:
-    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(list(lens), dtype=torch.int32).cumsum(0)
-    return out
-
-
-def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _upload(parts: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host int64 arrays -> device tensors in one (pinned) copy."""
+    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(torch.split(flat, [len(p) for p in parts]))
 
 
 def plan_extend(storage: MixedKVStorage, req_to_token: torch.Tensor,
                 req_pool_indices: torch.Tensor, prefix_lens: Sequence[int],
                 extend_lens: Sequence[int], out_cache_loc: torch.Tensor) -> ExtendPlan:
-    """Host lengths + device slot maps -> ExtendPlan (no host sync).
+    """Host lengths + device slot maps -> ExtendPlan (no host sync; one H2D copy).
 
     req_to_token [R, T] int32 (already holding this step's slots and flush remaps);
     req_pool_indices [B] device; out_cache_loc [sum extend_lens] flat ids, batch order."""
     w, lay, dev = storage.window, storage.layout, storage.device
     p_sink = w.sink_tokens
-    i2_spans, bf_spans, tables = [], [], []
+    i2_idx, bf_idx, body_pos, hp_pos, body_lens, hp_lens = [], [], [], [], [], []
     start = 0
-    for i, (p, n) in enumerate(zip(prefix_lens, extend_lens, strict=True)):
+    ar = np.arange
+    for p, n in zip(prefix_lens, extend_lens, strict=True):
         end = body_end(p + n, w)
         lo, hi = max(p, p_sink), min(p + n, end)  # new positions that go to INT2
         if hi > lo:
-            i2_spans.append((start + lo - p, start + hi - p))
-            bf_spans += [(start, start + lo - p), (start + hi - p, start + n)]
+            i2_idx.append(ar(start + lo - p, start + hi - p))
+            bf_idx += [ar(start, start + lo - p), ar(start + hi - p, start + n)]
         else:
-            bf_spans.append((start, start + n))
+            bf_idx.append(ar(start, start + n))
         start += n
-        if p == 0:
-            tables.append(None)
-            continue
-        row = req_to_token.index_select(0, req_pool_indices[i:i + 1].to(torch.long))
-        int2_map, bf16_map = storage.token_maps(row[:, :p])
-        body_hi = min(end, p)
-        sink = min(p_sink, p)
-        int2_slots = int2_map[:, p_sink:body_hi] if body_hi > p_sink else int2_map[:, :0]
-        bf16_slots = torch.cat([bf16_map[:, :sink], bf16_map[:, max(p_sink, end):p]], dim=1)
-        lens = _to(torch.tensor([[int2_slots.shape[1], bf16_slots.shape[1]]],
-                                dtype=torch.int32), dev)
-        tables.append(KVTables(int2_slots.contiguous(), lens[:, 0], bf16_slots.contiguous(),
-                               lens[:, 1]))
+        # the prefix as the pool holds it after this step's flush
+        body = ar(p_sink, min(end, p)) if min(end, p) > p_sink else ar(0)
+        hp = np.concatenate([ar(min(p_sink, p)), ar(max(p_sink, end), p)])
+        body_pos.append(body)
+        hp_pos.append(hp)
+        body_lens.append(len(body))
+        hp_lens.append(len(hp))
+    b = len(body_lens)
+    req_of = lambda lens: np.repeat(ar(b), lens)  # noqa: E731
+    indptr = lambda lens: np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])  # noqa: E731
+    bo, ho = indptr(body_lens), indptr(hp_lens)
+    nb = int(bo[-1])
+    kv_idx = [np.concatenate([ar(bo[i], bo[i + 1]), nb + ar(ho[i], ho[i + 1])]) for i in range(b)]
+    cat = lambda xs: np.concatenate(xs) if xs else ar(0)  # noqa: E731
+    i2, bf, reqs, pos, qo_indptr, kv_indptr, kv_indices = _upload(
+        [cat(i2_idx), cat(bf_idx), cat([req_of(body_lens), req_of(hp_lens)]),
+         cat(body_pos + hp_pos), indptr(list(extend_lens)), indptr(list(prefix_lens)),
+         cat(kv_idx)], dev)
+    ids = req_to_token[req_pool_indices.to(torch.long).index_select(0, reqs), pos].to(torch.long)
+    int2_map, bf16_map = storage.token_maps(ids)  # clamped into each store
     loc = out_cache_loc.to(torch.long)
-    i2, bf = _to(_ranges(i2_spans), dev), _to(_ranges(bf_spans), dev)
-    split = RowSplit(i2, loc.index_select(0, i2), bf,
-                     loc.index_select(0, bf) - lay.hp_offset)
-    return ExtendPlan(list(prefix_lens), list(extend_lens), split, tables,
-                      _to(_indptr(extend_lens), dev), _to(_indptr(prefix_lens), dev),
-                      torch.arange(sum(prefix_lens), device=dev))
+    split = RowSplit(i2, loc.index_select(0, i2), bf, loc.index_select(0, bf) - lay.hp_offset)
+    return ExtendPlan(list(prefix_lens), list(extend_lens), body_lens, hp_lens, split,
+                      int2_map[:nb], bf16_map[nb:], qo_indptr.to(torch.int32),
+                      kv_indptr.to(torch.int32), kv_indices)
 
 
 def _empty_tables(device: torch.device) -> KVTables:
@@ -141,8 +160,8 @@ def extend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage: Mix
     """Per request `kernels.prefill_attention` (fp32 math). q [T, Hq, D] rotated; k, v the
     chunk's rotated bf16 rows [T, Hkv, D]. Returns [T, Hq, D] in q.dtype."""
     out, s = [], 0
-    for n, tables in zip(plan.extend_lens, plan.prefix, strict=True):
-        tables = tables if tables is not None else _empty_tables(q.device)
+    for i, n in enumerate(plan.extend_lens):
+        tables = plan.prefix_tables(i) or _empty_tables(q.device)
         out.append(prefill_attention(q[s:s + n], k[s:s + n], v[s:s + n], storage.k_int2[layer],
                                      storage.v_int2[layer], storage.k_bf16[layer],
                                      storage.v_bf16[layer], tables, sm_scale))
@@ -150,24 +169,22 @@ def extend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage: Mix
     return torch.cat(out) if out else q.new_empty(q.shape)
 
 
+def dequantize_prefixes(store: Int2Store, bf16_store: torch.Tensor, plan: ExtendPlan,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Every request's cached prefix rows in `dtype`: cat(INT2 body rows dequantized,
+    BF16 rows) [sum prefix, Hkv, D], row for row what `kernels.dequantize_prefix` gives."""
+    return torch.cat([gather_int2_rows(store, plan.body_slots, dtype),
+                      bf16_store.index_select(0, plan.hp_rows).to(dtype)])
+
+
 @EXTEND_IMPLS.register("sglang")
 def extend_sglang(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, storage: MixedKVStorage,
                   layer: int, plan: ExtendPlan, sm_scale: float) -> torch.Tensor:
-    """Dequantize every prefix to q.dtype, then SGLang's batched Triton extend kernel."""
+    """Dequantize all prefixes to q.dtype at once, then SGLang's batched Triton extend kernel."""
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
-    hkv, d = k.shape[1:]
-    kp, vp = [], []
-    for tables in plan.prefix:
-        if tables is None:
-            continue
-        kp.append(dequantize_prefix(storage.k_int2[layer], storage.k_bf16[layer], tables,
-                                    q.dtype)[0][0])
-        vp.append(dequantize_prefix(storage.v_int2[layer], storage.v_bf16[layer], tables,
-                                    q.dtype)[0][0])
-    empty = q.new_empty(0, hkv, d)
-    k_pre = torch.cat(kp) if kp else empty
-    v_pre = torch.cat(vp) if vp else empty
+    k_pre = dequantize_prefixes(storage.k_int2[layer], storage.k_bf16[layer], plan, q.dtype)
+    v_pre = dequantize_prefixes(storage.v_int2[layer], storage.v_bf16[layer], plan, q.dtype)
     o = torch.empty_like(q)
     extend_attention_fwd(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(),
                          o, k_pre, v_pre, plan.qo_indptr, plan.kv_indptr, plan.kv_indices, None,

@@ -15,7 +15,9 @@
   H5 DefaultPoolConfigurator._compute_cell_size AROUND  packed INT2 bytes per token
      DefaultPoolConfigurator.calculate_pool_sizes AROUND  BF16 arena inside the budget
   G  allocation.alloc_for_extend / alloc_for_decode, common.release_kv_cache,
-     ScheduleBatch.new_tokens_required_next_decode  AROUND  glue.py (the planner)
+     ScheduleBatch.new_tokens_required_next_decode, PrefillAdder.add_one_req
+                                              AROUND  glue.py (the planner)
+  R  radix-cache registry                     `oscar_int2` -> radix.Int2RadixCache (prefix sharing)
   A  ModelRunner.load_model                   AFTER   absorb R_V (SGLANG_OSCAR_ABSORB_V_ROTATION)
   C  (SGLANG_OSCAR_CAPTURE_DIR set) RadixAttention.forward BEFORE, ModelRunner.forward AROUND,
      Scheduler.handle_rpc_request AROUND      calibration capture (capture.py)
@@ -51,10 +53,11 @@ BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
 RADIX = "sglang.srt.layers.radix_attention.RadixAttention"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 CAPTURE_FINISH_RPC = "oscar_capture_finish"
 SERVING_TARGETS = (f"{KVC}._build_mha_kv_pool", f"{KVC}._build_token_to_kv_pool_allocator",
                    f"{ALLOC}.alloc_for_extend", f"{ALLOC}.alloc_for_decode", RELEASE,
-                   f"{BATCH}.new_tokens_required_next_decode")
+                   f"{BATCH}.new_tokens_required_next_decode", f"{ADDER}.add_one_req")
 _installed = False
 _pending_group_size: list = [None]
 _pending_req_slots: list = [None]
@@ -303,6 +306,7 @@ def install() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from oscar_kv.sglang_plugin.backend import register_backend
+    from oscar_kv.sglang_plugin.radix import register_radix_backend
 
     reg = HookRegistry.register
     reg(f"{SA}.add_cli_args", add_cli_args_after, HookType.AFTER)
@@ -320,10 +324,12 @@ def install() -> None:
     reg(RELEASE, glue.release_kv_cache_around, HookType.AROUND)
     reg(f"{BATCH}.new_tokens_required_next_decode", glue.new_tokens_required_around,
         HookType.AROUND)
+    reg(f"{ADDER}.add_one_req", glue.add_one_req_around, HookType.AROUND)
     reg(f"{RUNNER}.load_model", load_model_after, HookType.AFTER)
     if read_capture_config() is not None:
         reg(f"{RUNNER}.forward", runner_forward_around, HookType.AROUND)
         reg(f"{RADIX}.forward", radix_forward_before, HookType.BEFORE)
         reg(f"{SCHEDULER}.handle_rpc_request", handle_rpc_around, HookType.AROUND)
     register_backend()
+    register_radix_backend()
     _installed = True

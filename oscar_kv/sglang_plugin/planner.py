@@ -4,15 +4,16 @@ SGLang names a request by its `rid` and gives it a row of `req_to_token` (`req_p
 `PoolIndex` names it by a handle. `SlotPlanner` keeps rid -> handle and turns one batch into
 one `SlotPlan` (host lists, framework-free):
 
-    out_slots[i]                      flat slot id of the i-th new token (SGLang's out_cache_loc)
-    req_to_token[rows[i], cols[i]]  = out_slots[i]
+    out_slots[i]                       flat slot id of the i-th new token (SGLang's out_cache_loc)
+    request j's new tokens             req_to_token[seg_rows[j], seg_starts[j] + k] for
+                                       k < seg_lens[j], in batch order
     flush: BF16 row flush_src[j] -> INT2 slot flush_dst[j], then
     req_to_token[flush_rows[j], flush_cols[j]] = flush_dst[j]
 
 The flush must run before the forward writes the new tokens (they may reuse the freed ring
 rows). Each call is atomic: a batch that does not fit raises `PoolFull` and changes nothing.
-Prefix sharing is not supported: a request that arrives with cached tokens the planner did
-not give it (a radix-cache hit) is an error, not a silent recompute.
+A request the planner does not hold yet may arrive with cached tokens (a radix-cache hit, see
+`pool_index.prefix_fits`); the caller writes the tree's ids for them into req_to_token.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from oscar_kv.errors import OscarError
-from oscar_kv.sglang_plugin.pool_index import PoolFull, PoolIndex, Step
+from oscar_kv.sglang_plugin.pool_index import Need, PoolFull, PoolIndex, Step
 
 
 @dataclass
@@ -29,8 +30,9 @@ class SlotPlan:
     """What one forward allocates (host lists; see the module docstring)."""
 
     out_slots: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    cols: list[int] = field(default_factory=list)
+    seg_rows: list[int] = field(default_factory=list)
+    seg_starts: list[int] = field(default_factory=list)
+    seg_lens: list[int] = field(default_factory=list)
     flush_src: list[int] = field(default_factory=list)
     flush_dst: list[int] = field(default_factory=list)
     flush_rows: list[int] = field(default_factory=list)
@@ -38,14 +40,22 @@ class SlotPlan:
 
     def add(self, row: int, start: int, step: Step) -> None:
         """Append one request's step; `start` = its length before the step."""
-        n = len(step.new_slots)
         self.out_slots += step.new_slots
-        self.rows += [row] * n
-        self.cols += range(start, start + n)
+        self.seg_rows.append(row)
+        self.seg_starts.append(start)
+        self.seg_lens.append(len(step.new_slots))
         self.flush_src += step.flush_src
         self.flush_dst += step.flush_dst
         self.flush_rows += [row] * len(step.flush_dst)
         self.flush_cols += step.flush_pos
+
+    def token_rows_cols(self) -> tuple[list[int], list[int]]:
+        """(req_to_token row, column) of every new token, batch order."""
+        rows, cols = [], []
+        for row, start, n in zip(self.seg_rows, self.seg_starts, self.seg_lens, strict=True):
+            rows += [row] * n
+            cols += range(start, start + n)
+        return rows, cols
 
 
 class SlotPlanner:
@@ -58,29 +68,39 @@ class SlotPlanner:
     def length(self, rid: str) -> int:
         return self.index.length(self._handle(rid))
 
+    def holds(self, rid: str) -> bool:
+        return rid in self.handles
+
     def live(self) -> int:
         return len(self.handles)
+
+    def extend_need(self, reqs: Sequence[tuple[str, int, int]]) -> Need:
+        """What the batch reqs = (rid, prefix_len, extend_len) takes. Raises unless each
+        request continues what the planner holds, or is new (its prefix cached in the tree)."""
+        need = Need()
+        for rid, prefix, n in reqs:
+            h = self.handles.get(rid)
+            if h is None:
+                need += self.index.alloc_need(prefix, n)
+                continue
+            have = self.index.length(h)
+            if have != prefix:
+                raise OscarError(
+                    f"request {rid} extends from {prefix} cached tokens but the int2 pool holds "
+                    f"{have} for it; the scheduler bookkeeping is out of sync")
+            need += self.index.extend_need(h, n)
+        return need
 
     def check_extend(self, reqs: Sequence[tuple[str, int, int]]) -> None:
         """Raise (changing nothing) unless the batch reqs = (rid, prefix_len, extend_len)
         continues what the planner holds and fits in the free slots and slabs."""
-        new, need = 0, 0
-        for rid, prefix, n in reqs:
-            h = self.handles.get(rid)
-            have = 0 if h is None else self.index.length(h)
-            if have != prefix:
-                raise OscarError(
-                    f"request {rid} extends from {prefix} cached tokens but the int2 pool holds "
-                    f"{have} for it; the int2 KV cache does not share prefixes, so keep "
-                    "--disable-radix-cache (the plugin sets it) and do not reuse KV across "
-                    "requests")
-            new += h is None
-            need += self.index.int2_needed(prefix, n)
-        if new > self.index.available_requests() or need > self.index.available_int2():
-            raise PoolFull(f"prefill needs {need} INT2 slots and {new} request slabs but "
-                           f"{self.index.available_int2()} and "
-                           f"{self.index.available_requests()} are free; lower "
-                           "--max-running-requests or --chunked-prefill-size")
+        need, idx = self.extend_need(reqs), self.index
+        if need.slabs > idx.available_requests() or need.units > idx.available_units() or \
+                need.sink_rows > idx.free_sink_rows():
+            raise PoolFull(f"prefill needs {need.units} slots ({need.sink_rows} sink rows) and "
+                           f"{need.slabs} request slabs but {idx.available_units()} "
+                           f"({idx.free_sink_rows()}) and {idx.available_requests()} are free; "
+                           "lower --max-running-requests or --chunked-prefill-size")
 
     def extend(self, reqs: Sequence[tuple[str, int, int, int]]) -> SlotPlan:
         """Prefill / chunked-prefill batch: reqs = (rid, req_pool_idx, prefix_len, extend_len)."""
@@ -90,7 +110,7 @@ class SlotPlanner:
             if rid in self.handles:
                 step = self.index.extend(self.handles[rid], n)
             else:
-                self.handles[rid], step = self.index.alloc(n)
+                self.handles[rid], step = self.index.alloc(n, prefix)
             plan.add(row, prefix, step)
         return plan
 
@@ -104,19 +124,16 @@ class SlotPlanner:
             plan.add(row, start, step)
         return plan
 
-    def decode_need(self, rids: Sequence[str]) -> int:
-        """INT2 slots the next decode step of these requests takes (flushes included)."""
-        return sum(self.index.int2_needed(self.length(rid), 1) for rid in rids)
+    def decode_need(self, rids: Sequence[str]) -> Need:
+        """Units and sink rows the next decode step of these requests takes (flushes included)."""
+        return sum((self.index.extend_need(self._handle(rid), 1) for rid in rids), Need())
 
-    def release(self, rid: str, finished: bool) -> None:
-        """Give back every slot of a finished (free) or retracted / aborted request."""
+    def release(self, rid: str) -> None:
+        """Forget a finished, retracted or aborted request and return its slab. SGLang frees its
+        INT2 ids and sink rows through the allocator (`PoolIndex.free_slots`)."""
         h = self._handle(rid)
         del self.handles[rid]
-        if finished:
-            self.index.free(h)
-        else:
-            self.index.retract(h)
-            self.index.free(h)  # forget the retracted mark: the planner drops the handle
+        self.index.release(h)
 
     def reset(self) -> None:
         """Forget everything (SGLang's flush_cache, only allowed with no live request)."""

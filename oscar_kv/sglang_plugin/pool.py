@@ -1,7 +1,8 @@
 """SGLang classes of the mixed pool: the KV pool (H4) and its token allocator (imports sglang).
 
 `Int2MHATokenToKVPool(MHATokenToKVPool)` holds, for this rank's layers, a `MixedKVStorage`
-(INT2 rows [size + F, Hkv, D/4] + scale/zero, BF16 arena [max_requests * slab + 1, Hkv, D]),
+(INT2 rows [size + F, Hkv, D/4] + scale/zero, BF16 arena [max_requests * (P + ring) + 1, Hkv,
+D]: sink rows, rings, dummy),
 the `PoolNumerics` (rotations, key means, clips) and the scheduler's `SlotPlanner`. `size` is
 SGLang's `max_total_num_tokens`, which H5 already computed net of the BF16 arena, so
 everything here is inside the memory budget. Generic dense-buffer accessors raise: only the
@@ -13,17 +14,21 @@ The INT2 store has `size + F - 1` slots (+ the dummy): SGLang's prefill admissio
 chunk's own tokens, but continuing a chunked prompt also moves up to F - 1 already stored
 recent rows into the body; the hidden reserve covers them (one chunked request per batch).
 
-`Int2TokenAllocator` reports the free INT2 slots minus that reserve as SGLang's
-`available_size()` (so an idle pool reports exactly `max_total_num_tokens`); slots are
-allocated and released per request by the scheduler hooks in `glue.py` (through the planner),
-so its per-token `alloc` refuses and its `free` (called by SGLang after our release) is a
-no-op.
+`Int2TokenAllocator` reports the free units (INT2 ids minus sink rows in use, see
+`pool_index`) minus that reserve as SGLang's `available_size()`, so an idle pool reports
+`max_total_num_tokens` minus what the radix tree holds (SGLang's idle leak check). Slots are
+handed out per request by the scheduler hooks in `glue.py` (through the planner), so its
+per-token `alloc` refuses; its `free` is SGLang's token-granular release (finished/retracted
+requests, duplicate prefixes, evicted tree leaves) and returns INT2 ids and sink rows to the
+pool, skipping ring rows (returned with the request's slab).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from oscar_kv.config import ModelGeometry
@@ -58,17 +63,28 @@ def apply_slot_plan(storage: MixedKVStorage, plan: SlotPlan, req_to_token: torch
     """Run one forward's allocation on the device: flush (BF16 -> INT2, all layers), remap
     the flushed positions and write the new ones in req_to_token. -> out_cache_loc int64 [N].
 
-    All host lists travel in one pinned copy; no host sync."""
-    parts = (plan.out_slots, plan.rows, plan.cols, plan.flush_src, plan.flush_dst,
-             plan.flush_rows, plan.flush_cols)
-    flat = torch.tensor([x for p in parts for x in p], dtype=torch.long)
+    All host lists travel in one pinned copy; per-token rows/columns are expanded on the
+    device from the per-request segments. No host sync."""
+    n = len(plan.out_slots)
+    col_base, offset = [], 0
+    for start, k in zip(plan.seg_starts, plan.seg_lens, strict=True):
+        col_base.append(start - offset)  # column of token i of the segment = base + i
+        offset += k
+    parts = (plan.out_slots, plan.seg_rows, col_base, plan.seg_lens, plan.flush_src,
+             plan.flush_dst, plan.flush_rows, plan.flush_cols)
+    sizes = [len(p) for p in parts]
+    flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64,
+                                        count=sum(sizes)))
     dev = req_to_token.device
     flat = flat.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else flat.to(dev)
-    out, rows, cols, src, dst, frows, fcols = torch.split(flat, [len(p) for p in parts])
+    out, seg_rows, col_base, seg_lens, src, dst, frows, fcols = torch.split(flat, sizes)
     if dst.numel():
         storage.flush(src, dst, clip_k, clip_v)
         req_to_token[frows, fcols] = dst.to(req_to_token.dtype)
-    if out.numel():
+    if n:
+        rows = torch.repeat_interleave(seg_rows, seg_lens, output_size=n)
+        cols = torch.repeat_interleave(col_base, seg_lens, output_size=n) + \
+            torch.arange(n, device=dev)
         req_to_token[rows, cols] = out.to(req_to_token.dtype)
     return out
 
@@ -201,10 +217,11 @@ def int2_allocator_class() -> type:
             return self._kvcache.planner
 
         def available_size(self) -> int:
-            return max(0, self.planner.index.available_int2() - self._kvcache.reserve)
+            return max(0, self.planner.index.available_units() - self._kvcache.reserve)
 
         def clear(self) -> None:
             self.planner.reset()
+            self.is_not_in_free_group, self.free_group = True, []
 
         def alloc(self, need_size: int):
             raise OscarError("the int2 KV pool allocates per request (prefill/decode hooks), "
@@ -212,12 +229,20 @@ def int2_allocator_class() -> type:
                              "--kv-cache-dtype int2")
 
         def free(self, free_index: torch.Tensor) -> None:
-            return None  # released per request in the release_kv_cache hook
+            """INT2 ids and sink rows back to the pool (ring ids are skipped: the request's
+            slab owns them). One host copy of the ids; SGLang batches the frees of one
+            result step in a free group, so that is one copy per step."""
+            if free_index.numel() == 0:
+                return
+            if not self.is_not_in_free_group:
+                self.free_group.append(free_index)
+                return
+            self.planner.index.free_slots(free_index.flatten().tolist())
 
         def debug_print(self) -> str:
             idx = self.planner.index
-            return (f"int2 pool: {idx.available_int2()} INT2 slots and "
-                    f"{idx.available_requests()} request slabs free")
+            return (f"int2 pool: {idx.available_units()} slots ({idx.free_sink_rows()} sink "
+                    f"rows) and {idx.available_requests()} request slabs free")
 
     _CLASSES["allocator"] = Int2TokenAllocator
     return Int2TokenAllocator

@@ -4,7 +4,8 @@ Pure functions over duck-typed objects (sglang's `ServerArgs`, `KVCacheConfigura
 are unit-tested without sglang; `hooks.py` calls them from HookRegistry hooks:
 
 - `prepare_int2_args(sa)`   BEFORE ServerArgs.__post_init__: fills our defaults (own attention
-  backend, no radix cache, page size 1, no overlap scheduler, no prefill CUDA graph) and
+  backend, the `oscar_int2` radix-cache backend when the radix cache is on, page size 1, no
+  overlap scheduler, no prefill CUDA graph) and
   rejects the combinations we do not support; with calibration capture on (any dtype) it
   turns off what would hide prompts from the capture hook (radix hits, prefill graphs);
 - `finalize_int2_args(sa)`  AFTER ServerArgs.__post_init__: reads the env flags once
@@ -26,6 +27,7 @@ BACKEND_NAME = "int2_triton"
 GROUP_SIZE_ATTR = "kv_cache_quant_group_size"
 GROUP_SIZE_FLAG = "--kv-cache-quant-group-size"
 DEFAULT_MAX_RUNNING_REQUESTS = 64
+RADIX_BACKEND = "oscar_int2"  # radix.RADIX_BACKEND (kept sglang-free here)
 _BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend",
                    "decode_attention_backend")
 log = logging.getLogger("oscar_kv.sglang_plugin")
@@ -50,11 +52,17 @@ def _reject_unsupported(sa) -> None:
             flag = "--" + name.replace("_", "-")
             raise OscarError(f"{why} {flag} {val}; use --attention-backend {BACKEND_NAME} "
                              "or leave the attention backend unset")
+    backend = getattr(sa, "radix_cache_backend", None)
+    if backend not in (None, RADIX_BACKEND):
+        raise OscarError(f"{why} --radix-cache-backend {backend}; its prefix cache is "
+                         f"{RADIX_BACKEND} (the default), so remove --radix-cache-backend")
     page = getattr(sa, "page_size", None)
     if page not in (None, 1):
         raise OscarError(f"{why} --page-size {page}; the INT2 pool is token-granular, so "
                          "remove --page-size")
     for name, flag in (("enable_mixed_chunk", "--enable-mixed-chunk"),
+                       ("enable_streaming_session", "--enable-streaming-session"),
+                       ("enable_session_radix_cache", "--enable-session-radix-cache"),
                        ("enable_dp_attention", "--enable-dp-attention"),
                        ("enable_lora", "--enable-lora"),
                        ("enable_unified_memory", "--enable-unified-memory")):
@@ -94,9 +102,8 @@ def prepare_int2_args(sa, capture: bool = False) -> None:
         if getattr(sa, name, None) is None:
             setattr(sa, name, BACKEND_NAME)
     if not getattr(sa, "disable_radix_cache", False):
-        # v1: BF16 windows are per request, so INT2 prefixes are not shared across requests.
-        log.info("oscar-kv int2: disabling the radix cache (prefix sharing is not supported)")
-        sa.disable_radix_cache = True
+        # the tree shares sink rows and INT2 ids, never the per-request recent ring (radix.py)
+        sa.radix_cache_backend = RADIX_BACKEND
     sa.page_size = 1
     # The flush and req_to_token remaps run at allocation time, ordered after the previous
     # forward only without the overlap scheduler (see glue.py).

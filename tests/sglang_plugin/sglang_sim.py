@@ -1,7 +1,9 @@
 """Test helpers for the int2 server's data path (framework-free): random q/k/v streams per
-request and layer, random rotations, the attention oracle, and `SimServer`, which runs one
-forward exactly as the SGLang hooks + backend do (planner -> apply_slot_plan -> plan_extend /
-decode tables -> extend_layer / decode_layer) and checks every layer against the oracle."""
+request and layer (equal rows for equal token prefixes), random rotations, the attention
+oracle, `TinyTree` (a per-token stand-in for SGLang's radix tree: one owner per slot, locks,
+eviction) and `SimServer`, which runs one forward exactly as the SGLang hooks + backend do
+(planner -> apply_slot_plan -> plan_extend / decode tables -> extend_layer / decode_layer),
+checks every layer against the oracle and releases slots by SGLang's token protocol."""
 
 from __future__ import annotations
 
@@ -23,7 +25,12 @@ from oscar_kv.sglang_plugin.attention import (
 from oscar_kv.sglang_plugin.numerics import PoolNumerics
 from oscar_kv.sglang_plugin.planner import SlotPlanner
 from oscar_kv.sglang_plugin.pool import apply_slot_plan
-from oscar_kv.sglang_plugin.pool_index import PoolIndex, PoolLayout
+from oscar_kv.sglang_plugin.pool_index import (
+    PoolIndex,
+    PoolLayout,
+    cacheable_prefix,
+    shareable_prefix,
+)
 from oscar_kv.sglang_plugin.storage import MixedKVStorage
 
 
@@ -34,21 +41,79 @@ def orthogonal(layers: int, d: int, seed: int) -> torch.Tensor:
 
 
 class Streams:
-    """q [L, T, Hq, D], k, v [L, T, Hkv, D] fp32 per request id (deterministic)."""
+    """q [L, T, Hq, D], k, v [L, T, Hkv, D] fp32 per request id (deterministic). A request
+    registered with tokens gets rows that depend on its token prefix only, so requests that
+    share a prefix share those rows (as a real model's K/V would)."""
 
     def __init__(self, layers: int, hq: int, hkv: int, d: int, max_len: int = 256) -> None:
         self.shape = (layers, max_len, hq, hkv, d)
         self._cache: dict[str, tuple] = {}
+        self.tokens: dict[str, list[int]] = {}
+
+    def register(self, rid: str, tokens: list[int]) -> None:
+        self.tokens[rid] = list(tokens)
+        self._cache.pop(rid, None)
 
     def __call__(self, rid: str):
         if rid not in self._cache:
             layers, t, hq, hkv, d = self.shape
-            g = torch.Generator().manual_seed(zlib.crc32(rid.encode()))
-            q = torch.randn(layers, t, hq, d, generator=g)
-            k = torch.randn(layers, t, hkv, d, generator=g) * 2 + 0.3
-            v = torch.randn(layers, t, hkv, d, generator=g)
-            self._cache[rid] = (q, k, v)
+            if rid in self.tokens:
+                seeds = [zlib.crc32(repr(self.tokens[rid][:i + 1]).encode())
+                         for i in range(len(self.tokens[rid]))]
+            else:
+                seeds = [zlib.crc32(f"{rid}/{i}".encode()) for i in range(t)]
+            rows = []
+            for seed in seeds:
+                g = torch.Generator().manual_seed(seed)
+                rows.append((torch.randn(layers, hq, d, generator=g),
+                             torch.randn(layers, hkv, d, generator=g) * 2 + 0.3,
+                             torch.randn(layers, hkv, d, generator=g)))
+            self._cache[rid] = tuple(torch.stack(x, dim=1) for x in zip(*rows, strict=True))
         return self._cache[rid]
+
+
+class TinyTree:
+    """Per-token prefix tree (the semantics of SGLang's RadixCache at page size 1): a node per
+    prefix, owning one slot id; locked nodes are never evicted; evicted ids are freed."""
+
+    def __init__(self, index: PoolIndex) -> None:
+        self.index = index
+        self.ids: dict[tuple, int] = {}
+        self.locks: dict[tuple, int] = {}
+
+    def match(self, tokens: list[int], limit: int) -> list[int]:
+        out = []
+        for i in range(min(limit, len(tokens))):
+            sid = self.ids.get(tuple(tokens[:i + 1]))
+            if sid is None:
+                break
+            out.append(sid)
+        return out
+
+    def insert(self, tokens: list[int], ids: list[int]) -> list[int]:
+        """-> the tree's ids for tokens; positions already cached keep the tree's id."""
+        return [self.ids.setdefault(tuple(tokens[:i + 1]), s) for i, s in enumerate(ids)]
+
+    def lock(self, tokens: list[int], n: int, delta: int) -> None:
+        for i in range(n):
+            key = tuple(tokens[:i + 1])
+            self.locks[key] = self.locks.get(key, 0) + delta
+            assert self.locks[key] >= 0
+
+    def size(self) -> int:
+        return len(self.ids)
+
+    def evict(self, n: int) -> int:
+        done = 0
+        while done < n:
+            parents = {k[:-1] for k in self.ids}
+            leaves = [k for k in self.ids if k not in parents and not self.locks.get(k)]
+            if not leaves:
+                break
+            for k in leaves[:n - done]:
+                self.index.free_slots([self.ids.pop(k)])
+                done += 1
+        return done
 
 
 def oracle(q_rot: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor, start: int,
@@ -80,11 +145,16 @@ class SimServer:
     def __init__(self, window: WindowSpec, spec: QuantSpec, layers: int = 2, hq: int = 4,
                  hkv: int = 2, d: int = 32, n_int2: int = 400, max_reqs: int = 4,
                  absorbed: bool = False, clips=(0.9, 0.85), impl: str = "torch",
-                 kernel_backend: str = "auto", ctx: int = 256, centered: bool = True) -> None:
+                 kernel_backend: str = "auto", ctx: int = 256, centered: bool = True,
+                 radix: bool = False, chunk: int | None = None) -> None:
         self.window, self.spec, self.absorbed = window, spec, absorbed
         self.hq, self.hkv, self.d, self.layers = hq, hkv, d, layers
         lay = PoolLayout(window, n_int2, max_reqs)
         self.planner = SlotPlanner(PoolIndex(lay))
+        self.tree = TinyTree(self.planner.index) if radix else None
+        self.chunk = chunk
+        self.protected: dict[str, int] = {}  # rid -> tree-owned prefix (cache_protected_len)
+        self.hits: dict[str, list[int]] = {}  # rid -> the tree's ids of its matched prefix
         self.storage = MixedKVStorage(lay, layers, hkv, d, spec, "cpu", kernel_backend)
         g = torch.Generator().manual_seed(3)
         k_mean = torch.randn(layers, hkv, d, generator=g) * 0.5 + 0.3 if centered else None
@@ -116,8 +186,56 @@ class SimServer:
         self.max_err = max(self.max_err, err)
         return err
 
+    # ---- SGLang's prefix-cache protocol ----------------------------------------------------
+    def match(self, rid: str, prompt_len: int) -> int:
+        """A waiting request's radix lookup for its first prompt_len tokens (capped like
+        Int2RadixCache) -> cached tokens; locks the matched path, remembers the tree's ids."""
+        tokens = self.streams.tokens[rid]
+        ids = self.tree.match(tokens, prompt_len - 1) if self.tree else []
+        m = shareable_prefix(len(ids), prompt_len, self.window, self.chunk)
+        if self.tree:
+            self.tree.lock(tokens, m, +1)
+        self.protected[rid] = m
+        self.hits[rid] = ids[:m]
+        return m
+
+    def cache(self, rid: str, row: int, length: int, finished: bool = False,
+              insert: bool = True) -> None:
+        """cache_unfinished_req / cache_finished_req (+ release) for positions [0, length)."""
+        tokens = self.streams.tokens.get(rid)
+        prot = self.protected.get(rid, 0)
+        if self.tree is None or tokens is None:  # chunk cache: the request frees its own slots
+            if finished:
+                self.planner.index.free_slots(self.req_to_token[row, prot:length].tolist())
+                self.planner.release(rid)
+            return
+        cap = cacheable_prefix(length, self.window)
+        assert cap >= prot
+        mine = self.req_to_token[row, :cap].tolist()
+        if insert:
+            tree_ids = self.tree.insert(tokens[:cap], mine)
+            dups = [s for s, t in zip(mine[prot:], tree_ids[prot:], strict=True) if s != t]
+            self.planner.index.free_slots(dups)
+            self.req_to_token[row, :cap] = torch.tensor(tree_ids, dtype=torch.int32)
+        else:
+            self.planner.index.free_slots(mine[prot:])
+        self.tree.lock(tokens, prot, -1)
+        if finished:
+            self.planner.release(rid)
+            self.protected.pop(rid)
+        else:
+            self.tree.lock(tokens, cap, +1)
+            self.protected[rid] = cap
+
+    def finish(self, rid: str, row: int, insert: bool = True) -> None:
+        """release_kv_cache of a finished (insert) or retracted (no insert) request."""
+        self.cache(rid, row, self.planner.length(rid), finished=True, insert=insert)
+
     def extend(self, batch, tol: float = 1e-4):
         """batch: [(rid, row, prefix_len, extend_len)]."""
+        for rid, row, p, _ in batch:
+            if p and not self.planner.holds(rid):  # radix hit: the tree's ids
+                self.req_to_token[row, :p] = torch.tensor(self.hits[rid][:p], dtype=torch.int32)
         plan = self.planner.extend(batch)
         n = self.numerics
         loc = apply_slot_plan(self.storage, plan, self.req_to_token, n.clip_k, n.clip_v)

@@ -22,8 +22,8 @@ def traffic(srv: SimServer, decode_steps: int = 20) -> None:
     srv.extend([("a", 1, 20, 28), ("c", 3, 0, 64)])  # a: second chunk sees its INT2 prefix
     for _ in range(decode_steps):
         srv.decode([("a", 1), ("b", 2), ("c", 3)])
-    srv.planner.release("a", finished=True)
-    srv.planner.release("b", finished=False)
+    srv.finish("a", 1)
+    srv.finish("b", 2, insert=False)  # retraction
     srv.extend([("d", 1, 0, 32)])  # reuses a's slots and row; lengths hit flush boundaries
     for _ in range(9):
         srv.decode([("c", 3), ("d", 1)])

@@ -28,9 +28,15 @@ class Table:
             assert self.rows[r][c] == src and self.mem[src] == (rids_by_row[r], c)
             self.mem[dst] = self.mem[src]
             self.rows[r][c] = dst
-        for s, r, c in zip(plan.out_slots, plan.rows, plan.cols, strict=True):
+        rows, cols = plan.token_rows_cols()
+        for s, r, c in zip(plan.out_slots, rows, cols, strict=True):
             self.rows.setdefault(r, {})[c] = s
             self.mem[s] = (rids_by_row[r], c)
+
+    def release(self, p: SlotPlanner, rid: str, row: int) -> None:
+        """SGLang's release without a radix tree: free every position, then the slab."""
+        p.index.free_slots(self.rows.pop(row).values())
+        p.release(rid)
 
 
 def planner(n_int2=200, reqs=4):
@@ -45,9 +51,7 @@ def test_chunked_prefill_then_decode_matches_pool_index():
         t.apply(p.extend([(rid, row, prefix, n)]), by_row)
     for _ in range(25):
         t.apply(p.decode([(rid, row)]), by_row)
-    h = p.handles[rid]
-    slots = p.index.token_slots(h)
-    assert [t.rows[row][c] for c in range(len(slots))] == slots
+    slots = [t.rows[row][c] for c in range(p.length(rid))]
     assert all(t.mem[s] == (rid, c) for c, s in enumerate(slots))
     assert p.length(rid) == 57 + 25
 
@@ -57,41 +61,44 @@ def test_decode_need_is_exact():
     p.extend([("a", 1, 0, 23), ("b", 2, 0, 3)])
     for _ in range(40):
         need = p.decode_need(["a", "b"])
-        before = p.index.available_int2()
+        before = p.index.available_units()
         p.decode([("a", 1), ("b", 2)])
-        assert before - p.index.available_int2() == need
+        assert before - p.index.available_units() == need.units
         lens = [p.length("a"), p.length("b")]
-        assert need == sum(body_end(n, W) - body_end(n - 1, W) for n in lens)
+        assert need.units == sum(body_end(n, W) - body_end(n - 1, W) + (n <= W.sink_tokens)
+                                 for n in lens)
 
 
-def test_release_finished_and_retracted_free_everything():
-    p = planner(n_int2=100, reqs=2)
-    p.extend([("a", 1, 0, 60), ("b", 2, 0, 30)])
-    p.release("a", finished=True)
-    p.release("b", finished=False)  # retraction
-    assert p.index.available_int2() == 100 and p.index.available_requests() == 2
-    assert p.live() == 0 and not p.index._retracted
+def test_release_frees_everything():
+    p, t = planner(n_int2=100, reqs=2), Table()
+    t.apply(p.extend([("a", 1, 0, 60), ("b", 2, 0, 30)]), {1: "a", 2: "b"})
+    t.release(p, "a", 1)
+    t.release(p, "b", 2)
+    assert p.index.available_units() == 100 and p.index.available_requests() == 2
+    assert p.live() == 0
     with pytest.raises(OscarError, match="never allocated or already released"):
-        p.release("a", finished=True)
+        p.release("a")
     p.extend([("b", 1, 0, 30)])  # a retracted request comes back from scratch
 
 
-def test_radix_style_prefix_hit_is_rejected():
+def test_prefix_hits_and_bad_continuations():
     p = planner()
     p.extend([("a", 1, 0, 10)])
-    with pytest.raises(OscarError, match="does not share prefixes"):
-        p.extend([("b", 2, 8, 4)])  # b claims 8 cached tokens it never got
+    plan = p.extend([("b", 2, 8, 4)])  # b arrives with 8 cached (tree) tokens: its own from 8
+    assert plan.seg_starts == [8] and p.length("b") == 12
+    with pytest.raises(OscarError, match="recent window"):
+        p.extend([("c", 3, 30, 2)])  # 30 cached tokens would sit in c's recent window
     with pytest.raises(OscarError, match="holds 10"):
         p.extend([("a", 1, 5, 4)])
 
 
 def test_batches_are_atomic():
-    p = planner(n_int2=30, reqs=3)
+    p = planner(n_int2=46, reqs=3)
     p.extend([("a", 1, 0, 8 + 16)])
-    free = p.index.available_int2()
+    free = p.index.available_units()
     with pytest.raises(PoolFull):
         p.extend([("b", 2, 0, 20), ("c", 3, 0, 60)])  # c alone does not fit
-    assert p.index.available_int2() == free and p.live() == 1
+    assert p.index.available_units() == free and p.live() == 1
     with pytest.raises(PoolFull, match="slabs"):
         p.extend([("b", 2, 0, 1), ("c", 3, 0, 1), ("d", 4, 0, 1)])
     assert p.live() == 1
@@ -102,15 +109,15 @@ def test_reset_only_when_idle():
     p.extend([("a", 1, 0, 5)])
     with pytest.raises(OscarError, match="idle"):
         p.reset()
-    p.release("a", finished=True)
+    p.release("a")
     p.reset()
-    assert p.index.available_int2() == 200
+    assert p.index.available_units() == 200
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_server_traffic(seed):
-    """Random admissions, chunked prefills, decodes, finishes and retractions: req_to_token
-    always equals PoolIndex.token_slots and every slot holds its own token."""
+    """Random admissions, chunked prefills, decodes, finishes and retractions: every position's
+    slot holds its own token and the units add up."""
     rng = random.Random(seed)
     p, t = planner(n_int2=300, reqs=4), Table()
     rows = {}  # rid -> row
@@ -134,12 +141,13 @@ def test_random_server_traffic(seed):
                         {rows[r]: r for r in batch})
             elif rows:
                 rid = rng.choice(sorted(rows))
-                p.release(rid, finished=rng.random() < 0.5)
-                del t.rows[rows.pop(rid)]
+                t.release(p, rid, rows.pop(rid))
         except PoolFull:
             for rid in [r for r in rows if r not in p.handles]:  # failed first chunk
                 t.rows.pop(rows.pop(rid), None)
+        own = 0
         for rid, row in rows.items():
-            slots = p.index.token_slots(p.handles[rid])
-            assert [t.rows[row][c] for c in range(len(slots))] == slots
+            slots = [t.rows[row][c] for c in range(p.length(rid))]
             assert all(t.mem[s] == (rid, c) for c, s in enumerate(slots))
+            own += sum(not p.index.layout.is_ring(s) for s in slots)
+        assert p.index.available_units() + own == 300

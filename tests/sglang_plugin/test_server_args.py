@@ -25,7 +25,8 @@ def test_defaults_filled():
     S.prepare_int2_args(sa)
     assert sa.attention_backend == sa.decode_attention_backend == S.BACKEND_NAME
     assert sa.prefill_attention_backend == S.BACKEND_NAME
-    assert sa.disable_radix_cache is True and sa.page_size == 1
+    assert sa.disable_radix_cache is False and sa.radix_cache_backend == S.RADIX_BACKEND
+    assert sa.page_size == 1
     assert sa.max_running_requests == S.DEFAULT_MAX_RUNNING_REQUESTS
     assert sa.disable_overlap_schedule is True and sa.disable_prefill_cuda_graph is True
 
@@ -35,6 +36,12 @@ def test_capture_needs_whole_eager_prefills_for_any_dtype():
     S.prepare_int2_args(sa, capture=True)
     assert sa.disable_radix_cache is True and sa.disable_prefill_cuda_graph is True
     assert sa.attention_backend == "triton"
+
+
+def test_radix_cache_off_keeps_the_chunk_cache():
+    sa = args(disable_radix_cache=True, radix_cache_backend=None)
+    S.prepare_int2_args(sa)
+    assert sa.disable_radix_cache is True and sa.radix_cache_backend is None
 
 
 def test_user_values_kept():
@@ -60,6 +67,8 @@ def test_other_dtypes_untouched():
     (dict(enable_mixed_chunk=True), "--enable-mixed-chunk"),
     (dict(enable_dp_attention=True), "--enable-dp-attention"),
     (dict(pp_size=2), "--pp-size 2"),
+    (dict(radix_cache_backend="lmcache"), "--radix-cache-backend lmcache"),
+    (dict(enable_streaming_session=True), "--enable-streaming-session"),
     (dict(dcp_size=2), "--dcp-size 2"),
 ])
 def test_unsupported_combos_rejected(kw, needle):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 try:
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.chunk_cache import ChunkCache
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 except Exception as e:  # ImportError, or torchvision's RuntimeError without the stub
@@ -20,6 +22,7 @@ except Exception as e:  # ImportError, or torchvision's RuntimeError without the
 
 from sglang_sim import Streams, oracle  # noqa: E402
 
+from oscar_kv.cache.windows import body_end  # noqa: E402
 from oscar_kv.config import ModelGeometry, WindowSpec  # noqa: E402
 from oscar_kv.errors import OscarError  # noqa: E402
 from oscar_kv.fit.checkpoint import build_checkpoint  # noqa: E402
@@ -32,7 +35,13 @@ from oscar_kv.sglang_plugin.pool import (  # noqa: E402
     int2_allocator_class,
     int2_pool_class,
 )
-from oscar_kv.sglang_plugin.pool_index import DUMMY_INT2, pool_bytes  # noqa: E402
+from oscar_kv.sglang_plugin.pool_index import (  # noqa: E402
+    DUMMY_INT2,
+    Need,
+    pool_bytes,
+    shareable_prefix,
+)
+from oscar_kv.sglang_plugin.radix import int2_radix_cache_class  # noqa: E402
 from oscar_kv.sglang_plugin.storage import HP_DTYPE  # noqa: E402
 
 LAYERS, HQ, HKV, CTX = 2, 4, 2, 192
@@ -46,6 +55,7 @@ class FakeReq:
     def __init__(self, rid: str) -> None:
         self.rid, self.req_pool_idx, self.kv = rid, None, None
         self.inflight_middle_chunks, self.kv_committed_len, self.done = 0, 0, False
+        self.cache_protected_len = 0
 
     def finished(self) -> bool:
         return self.done
@@ -56,7 +66,7 @@ class Harness:
 
     def __init__(self, tmp_path, window=WindowSpec(8, 16, 8), d=32, group=16, absorbed=False,
                  impl="torch", kernel_backend="auto", n_int2=400, clips=(0.9, 0.8),
-                 dtype=torch.float32):
+                 dtype=torch.float32, radix=False, chunk=None):
         self.d, self.window, self.absorbed, self.dtype = d, window, absorbed, dtype
         # fp32: summation order only; bf16: the activations' own rounding (outputs ~1)
         self.tol = 2e-4 if dtype == torch.float32 else 6e-2
@@ -94,7 +104,10 @@ class Harness:
             is_cross_attention=False, **({ABSORBED_ATTR: True} if absorbed else {}))
             for i in range(LAYERS)]
         self.streams = Streams(LAYERS, HQ, HKV, d, CTX)
-        self.tree_cache = SimpleNamespace(token_to_kv_pool_allocator=self.allocator)
+        params = CacheInitParams(disable=not radix, req_to_token_pool=self.req_pool,
+                                 token_to_kv_pool_allocator=self.allocator, page_size=1)
+        self.tree_cache = (int2_radix_cache_class()(params, window, chunk) if radix
+                           else ChunkCache(params))
         self.max_err = 0.0
 
     def _qkv(self, req, layer, a, b):
@@ -120,7 +133,7 @@ class Harness:
             reqs=reqs, prefix_lens=[p for _, p, _ in items], extend_lens=[n for *_, n in items],
             seq_lens_cpu=torch.tensor([p + n for _, p, n in items]), device="cpu",
             req_to_token_pool=self.req_pool, token_to_kv_pool_allocator=self.allocator,
-            tree_cache=None, is_dllm=lambda: False)
+            tree_cache=self.tree_cache, is_dllm=lambda: False)
         out, rows, rows_cpu = glue.alloc_for_extend_around(_not_called, batch)
         for r, p, n in items:
             r.kv_committed_len = p + n
@@ -142,9 +155,10 @@ class Harness:
 
     def _decode_batch(self, reqs):
         batch = SimpleNamespace(reqs=reqs, req_to_token_pool=self.req_pool,
-                                token_to_kv_pool_allocator=self.allocator)
+                                token_to_kv_pool_allocator=self.allocator,
+                                tree_cache=self.tree_cache)
         assert glue.new_tokens_required_around(_not_called, batch) == \
-            self.allocator.planner.decode_need([r.rid for r in reqs])
+            self.allocator.planner.decode_need([r.rid for r in reqs]).units
         starts = [r.kv_committed_len for r in reqs]
         out = glue.alloc_for_decode_around(_not_called, batch, 1)
         for r in reqs:
@@ -178,11 +192,13 @@ class Harness:
                 self._check(o[j], r, i, s, 1, chunk_bf16=False)
 
     def release(self, req, finished: bool):
-        def orig(req, tree_cache, is_insert=True):
+        def orig(req, tree_cache, is_insert=True):  # common.release_kv_cache, page size 1
+            tree_cache.cache_finished_req(req, is_insert=is_insert,
+                                          kv_len_to_handle=req.kv_committed_len)
             self.req_pool.free(req)
             req.kv = None
         req.done = finished
-        glue.release_kv_cache_around(orig, req, self.tree_cache)
+        glue.release_kv_cache_around(orig, req, self.tree_cache, is_insert=finished)
 
 
 def _traffic(h: Harness, steps: int = 12, graph_bs: int | None = None) -> None:
@@ -205,7 +221,7 @@ def test_server_traffic_matches_oracle(tmp_path, window, absorbed):
     h = Harness(tmp_path, window=window, absorbed=absorbed)
     _traffic(h)
     assert 0 < h.max_err < 2e-4
-    assert h.allocator.available_size() == h.pool.planner.index.available_int2() - 7
+    assert h.allocator.available_size() == h.pool.planner.index.available_units() - 7
 
 
 def test_cuda_graph_path_with_padded_rows(tmp_path):
@@ -251,7 +267,8 @@ def test_pool_sizes_and_refusals(tmp_path):
             fn(0)
     with pytest.raises(OscarError, match="per request"):
         h.allocator.alloc(3)
-    assert h.allocator.free(torch.tensor([1, 2])) is None
+    with pytest.raises(OscarError, match="double free"):
+        h.allocator.free(torch.tensor([1, 2]))  # ids the pool never handed out
     assert h.allocator.available_size() == 400
 
 
@@ -313,9 +330,144 @@ def test_bf16_activations(tmp_path):
 def test_chunk_continuation_uses_the_hidden_reserve(tmp_path):
     """SGLang admits a 1-token chunk when available_size() >= 1, but continuing a prompt whose
     recent window is full flushes F = 8 rows: the F - 1 reserve makes that fit."""
-    h = Harness(tmp_path, n_int2=1)
+    h = Harness(tmp_path, n_int2=9)
     a = FakeReq("a")
-    h.extend([(a, 0, 8 + 16 + 7)])  # sink 8 + a full recent ring of R + F - 1, no INT2 yet
+    h.extend([(a, 0, 8 + 16 + 7)])  # 8 sink rows (8 units) + a full ring of R + F - 1
     assert h.allocator.available_size() == 1
     h.extend([(a, 31, 1)])  # body_end jumps by 8: 7 stored rows + the new one
     assert h.allocator.available_size() == 0
+
+
+# ---- prefix sharing through SGLang's own radix tree (Int2RadixCache) ----------------------
+def _req(h: Harness, rid: str, toks: list[int], prompt: int):
+    """A real sglang Req for the first `prompt` tokens, matched against the tree (as
+    init_next_round_input does) and locked (as PrefillAdder does) -> (req, cached tokens)."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    h.streams.register(rid, toks)
+    r = Req(rid, "", array("q", toks[:prompt]), SamplingParams(max_new_tokens=64))
+    r.init_next_round_input(h.tree_cache)
+    m = len(r.prefix_indices)
+    assert r.cache_protected_len == m
+    h.tree_cache.inc_lock_ref(r.last_node)
+    return r, m
+
+
+def _serve(h: Harness, r, m: int, toks: list[int], prompt: int, chunk: int | None,
+           steps: int) -> None:
+    """Chunked prefill from the cached prefix (cache_unfinished_req after each chunk, as the
+    scheduler does), `steps` decodes, then release (cache_finished_req inserts)."""
+    from array import array
+
+    p = m
+    while p < prompt:
+        n = prompt - p if chunk is None else min(chunk, prompt - p)
+        r.set_extend_range(p, p + n)
+        h.extend([(r, p, n)])
+        p += n
+        h.tree_cache.cache_unfinished_req(r, chunked=p < prompt)
+        assert len(r.prefix_indices) == p  # the next chunk continues from here
+    for _ in range(steps):
+        h.decode([r])
+    r.output_ids = array("q", toks[prompt:prompt + steps + 1])
+    h.release(r, finished=True)
+
+
+def _idle_leak_check(h: Harness) -> None:
+    """SGLang's idle check (available + evictable + protected == max_total_num_tokens), then
+    evicting the whole tree gives every slot back."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    t = h.tree_cache
+    assert h.allocator.available_size() + t.evictable_size() + t.protected_size() == 400
+    t.evict(EvictParams(num_tokens=10**9))
+    idx = h.pool.planner.index
+    assert t.evictable_size() == 0 and h.allocator.available_size() == 400
+    assert idx.free_sink_rows() == idx.layout.sink_rows and idx.available_requests() == 4
+
+
+@pytest.mark.parametrize("chunk", [None, 24, 12], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("window", [WindowSpec(8, 16, 8), WindowSpec(0, 16, 8)], ids=str)
+def test_radix_hit_matches_oracle(tmp_path, window, chunk):
+    """A shared-prefix pair through SGLang's RadixCache (our subclass): the second request
+    hits the cache and every layer output equals the oracle of a prefill split at the match
+    point; a third request re-sends the first prompt plus its answer (a chat follow-up)."""
+    h = Harness(tmp_path, window=window, radix=True, chunk=chunk)
+    base = list(range(1, 91))
+    a = base + list(range(500, 540)) + list(range(900, 920))
+    b = base + list(range(600, 630)) + list(range(950, 962))
+    ra, m = _req(h, "a", a, 130)
+    assert m == 0
+    _serve(h, ra, m, a, 130, chunk, 20)
+    rb, m = _req(h, "b", b, 120)
+    assert m == shareable_prefix(90, 120, window, chunk)
+    assert m > 0 or (window.sink_tokens == 0 and chunk < window.recent_tokens)
+    _serve(h, rb, m, b, 120, chunk, 12)
+    c = a[:150] + list(range(700, 730))
+    rc, m = _req(h, "c", c, 170)
+    assert m == shareable_prefix(min(150, body_end(150, window)), 170, window, chunk)
+    _serve(h, rc, m, c, 170, chunk, 4)
+    assert 0 < h.max_err < 2e-4
+    _idle_leak_check(h)
+
+
+def test_radix_duplicates_retraction_and_eviction(tmp_path):
+    """Two requests prefill the same prompt in one batch (no hit): the second insert frees
+    its duplicates and points it at the tree's ids; a retracted request frees only its own
+    slots; the decode-time eviction frees unlocked leaves for sink rows and units."""
+    h = Harness(tmp_path, radix=True, n_int2=400)
+    toks = list(range(1, 71)) + list(range(300, 330))
+    rx, _ = _req(h, "x", toks, 70)
+    ry, _ = _req(h, "y", toks, 70)
+    for r in (rx, ry):
+        r.set_extend_range(0, 70)
+    h.extend([(rx, 0, 70), (ry, 0, 70)])
+    before = h.allocator.available_size()
+    h.tree_cache.cache_unfinished_req(rx)
+    h.tree_cache.cache_unfinished_req(ry)
+    end = body_end(70, h.window)
+    assert h.allocator.available_size() == before + end  # y's copies of [0, end) freed
+    rt = h.req_pool.req_to_token
+    assert torch.equal(rt[rx.req_pool_idx, :end], rt[ry.req_pool_idx, :end])
+    for _ in range(9):
+        h.decode([rx, ry])
+    h.release(ry, finished=False)  # retraction: no insert, frees its own, keeps the tree's
+    for _ in range(3):
+        h.decode([rx])
+    from array import array
+
+    rx.output_ids = array("q", toks[70:83])
+    h.release(rx, finished=True)
+    assert 0 < h.max_err < 2e-4
+    # a full pool: the glue evicts unlocked leaves before allocating
+    idx = h.pool.planner.index
+    cached = h.tree_cache.evictable_size()
+    assert cached == body_end(82, h.window)
+    glue.make_room(h.tree_cache, idx, Need(units=idx.available_units() + 5, sink_rows=0))
+    assert h.tree_cache.evictable_size() < cached
+    _idle_leak_check(h)
+
+
+def test_prefill_adder_defers_a_too_short_first_chunk():
+    """A hit whose first chunk (what is left of the chunk budget) would leave cached INT2
+    positions inside its BF16 recent window waits for a later batch; everything else passes."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    w = WindowSpec(8, 16, 8)
+    calls = []
+    orig = lambda self, req, *a, **k: calls.append(req) or AddReqResult.CONTINUE  # noqa: E731
+    req = SimpleNamespace(prefix_indices=torch.zeros(40), full_untruncated_fill_ids=[0] * 100)
+    tree = SimpleNamespace(oscar_window=w)
+    for rem, align, deferred in ((None, None, False), (200, None, False), (30, None, False),
+                                 (15, None, True), (20, None, False), (20, 15, True),
+                                 (0, None, False)):
+        adder = SimpleNamespace(tree_cache=tree, rem_chunk_tokens=rem)
+        res = glue.add_one_req_around(orig, adder, req, has_chunked_req=False,
+                                      truncation_align_size=align)
+        assert (res is AddReqResult.OTHER) == deferred, (rem, align)
+    assert glue.first_chunk_len(15, 60) == 15 and glue.first_chunk_len(None, 60) == 60
+    stock = SimpleNamespace(tree_cache=SimpleNamespace(), rem_chunk_tokens=1)
+    assert glue.add_one_req_around(orig, stock, req, False, None) is AddReqResult.CONTINUE

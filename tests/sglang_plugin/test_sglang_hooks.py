@@ -89,6 +89,45 @@ def test_glue_reaches_the_scheduler_modules():
     assert allocation.alloc_for_extend.__wrapped__.__module__ == allocation.__name__
 
 
+def test_radix_backend_builds_the_int2_tree():
+    """`--radix-cache-backend oscar_int2` (the int2 default) through SGLang's create_tree_cache:
+    our RadixCache subclass with the pool's window and the chunk size; the chunk cache when
+    the radix cache is off; a clear error for another KV dtype."""
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.chunk_cache import ChunkCache
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+    from sglang.srt.mem_cache.registry import (
+        TreeCacheBuildContext,
+        create_tree_cache,
+        registered_radix_cache_backends,
+    )
+
+    from oscar_kv.config import WindowSpec
+
+    assert "oscar_int2" in registered_radix_cache_backends()
+    w = WindowSpec(8, 16, 8)
+    alloc = SimpleNamespace(oscar_kv_int2=True, device="cpu",
+                            get_kvcache=lambda: SimpleNamespace(layout=SimpleNamespace(window=w)))
+    sa = SimpleNamespace(radix_cache_backend="oscar_int2", enable_session_radix_cache=False,
+                         enable_streaming_session=False)
+
+    def build(disable: bool, allocator=alloc):
+        params = CacheInitParams(disable=disable, req_to_token_pool=None,
+                                 token_to_kv_pool_allocator=allocator, page_size=1)
+        return create_tree_cache(TreeCacheBuildContext(
+            server_args=sa, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+            enable_hierarchical_cache=False, disable_radix_cache=disable,
+            effective_chunked_prefill_size=512, tp_worker=None, model_config=None, tp_size=1,
+            tp_rank=0, tp_group=None))
+
+    tree = build(False)
+    assert isinstance(tree, RadixCache) and tree.oscar_kv_int2
+    assert tree.oscar_window == w and tree.oscar_chunk == 512
+    assert isinstance(build(True), ChunkCache)
+    with pytest.raises(OscarError, match="int2 only"):
+        build(False, SimpleNamespace(device="cpu"))
+
+
 def test_backend_registered():
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -125,8 +164,8 @@ def test_server_args_resolve_with_int2(int2_env):
                               "--kv-cache-dtype", "int2", "--kv-cache-quant-group-size", "64"])
     assert sa.kv_cache_dtype == "int2"
     assert sa.attention_backend == sa.decode_attention_backend == "int2_triton"
-    assert sa.disable_radix_cache is True and sa.page_size == 1
-    assert sa.kv_cache_quant_group_size == 64
+    assert sa.disable_radix_cache is False and sa.radix_cache_backend == "oscar_int2"
+    assert sa.page_size == 1 and sa.kv_cache_quant_group_size == 64
     assert sa.disable_overlap_schedule is True
     assert sa.cuda_graph_config.prefill.backend == "disabled"
 
@@ -136,6 +175,7 @@ def test_server_args_resolve_with_int2(int2_env):
     (["--attention-backend", "triton"], "--attention-backend triton"),
     (["--enable-hierarchical-cache"], "hierarchical"),
     (["--page-size", "16"], "page-size"),
+    (["--radix-cache-backend", "flexkv"], "radix-cache-backend flexkv"),
 ])
 def test_server_args_reject(int2_env, extra, needle):
     from sglang.srt.server_args import prepare_server_args
