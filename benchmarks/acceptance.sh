@@ -8,7 +8,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 M=${MODEL:-.carry/tiny}; D=$M/heldout_tokens.npy; OUT=${OUT:-runs/acceptance}; W=${WORK:-/tmp/oscar-acc}
-mkdir -p "$OUT"
+mkdir -p "$OUT"; rm -rf "$W"  # a stale run must never be reported as this one
 quiet() { grep -v -E "Loading weights|it/s\]|tok/s\]"; }
 ev() {  # ev ROT_DIR LEN NAME [methods]
   python3 -m oscar_kv eval --model "$M" --rotations "$1" --data "$D" --seq-len "$2" \
@@ -17,7 +17,8 @@ ev() {  # ev ROT_DIR LEN NAME [methods]
 {
   echo "## default: pipeline (calibrate 200k -> fit -> eval 16 x 2048)"
   python3 -m oscar_kv pipeline --model "$M" --data "$D" --max-tokens 200000 --seq-len 2048 \
-    --holdout-seqs 2 --batch-size 8 --eval-seq-len 2048 --num-seqs 16 --work "$W" 2>&1 | quiet
+    --holdout-seqs 2 --batch-size 8 --eval-seq-len 2048 --num-seqs 16 --work "$W" 2>&1 | quiet \
+    || { echo "pipeline failed: nothing copied"; exit 1; }
   cp "$W/eval.json" "$OUT/default_2048.json"; cp "$W/rotations/fit_report.json" "$OUT/"
   echo "## default at 4096"; ev "$W/rotations" 4096 default_4096 bf16,naive,hadamard,oscar
   echo "## reference recipe: clips 0.96/0.92, no centering"

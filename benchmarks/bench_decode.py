@@ -207,6 +207,7 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
     b, hq, d = q.shape
     device = q.device.type
     rows = []
+    before = os.environ.get("OSCAR_KV_INT2_UNPACK")  # the user's choice, restored after each
     for bn, nw, pps, mr, pf, ns, unpack in SWEEP:
         row = {"block_n": bn, "num_warps": nw, "programs_per_sm": pps, "maxnreg": mr,
                "prefetch": pf, "num_stages": ns, "unpack": unpack}
@@ -226,7 +227,10 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
         except Exception as e:  # noqa: BLE001 - report and keep sweeping
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         finally:
-            os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
+            if before is None:
+                os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
+            else:
+                os.environ["OSCAR_KV_INT2_UNPACK"] = before
         rows.append(row)
     ok = [r for r in rows if "ms" in r and r["rel_err"] < 1e-2]
     best = min(ok, key=lambda r: r["ms"]) if ok else None

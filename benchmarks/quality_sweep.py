@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--grid-k", default="1.0,0.98,0.96")
     ap.add_argument("--grid-v", default="1.0,0.96,0.92,0.88")
     ap.add_argument("--skip-calibrate", action="store_true")
+    ap.add_argument("--center-k", action=argparse.BooleanOptionalAction, default=True,
+                    help="centered keys (the default fit); --no-center-k for the uncentered "
+                         "rows of the README table")
     ap.add_argument("--fits", default="qqt_sst:attn_kl:out_mse",
                     help="comma list of method:k_objective:v_objective fitted variants")
     args = ap.parse_args()
@@ -73,7 +76,8 @@ def main() -> None:
         method, kobj, vobj = spec.split(":")
         d = work / f"rot_{method}_{kobj}_{vobj}"
         fit_rotations(work / "stats", d, method=method, fit_clip=True, quant=quant,
-                      window=window, k_objective=kobj, v_objective=vobj)
+                      window=window, k_objective=kobj, v_objective=vobj,
+                      center_k=args.center_k)
         fitted[f"fit_{method}_{kobj}_{vobj}"] = load_rotation_set(
             d, expect=model_geometry(model))
     print(f"calibrate+fit: {time.time() - t0:.1f} s")

@@ -20,8 +20,12 @@ def launched(cmd: list[str], env: dict[str, str], log_path: str | Path
              ) -> Iterator[subprocess.Popen]:
     """Run cmd (stdout+stderr appended to log_path) for the duration of the with-block."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as e:
+            raise OscarError(f"cannot start the server ({e}); check the command: "
+                             f"{' '.join(cmd[:3])} ...") from None
         try:
             yield proc
         finally:

@@ -35,12 +35,14 @@ require_calib_data() {
 
 # Start METHOD's server, wait for /health, run the tasks in $1, stop the server. The clip
 # ratios come from the checkpoint (fitted, or vars.sh's K_CLIP/V_CLIP for fixed-clip fits);
+# published files without ratios get vars.sh's K_CLIP/V_CLIP;
 # SERVE_CLIP_ARGS="--k-clip 0.96 --v-clip 0.92" overrides them at serving time.
 serve_and_eval() {
   local clip_args=()
   read -r -a clip_args <<< "${SERVE_CLIP_ARGS:-}"
   "$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL_PATH" --method "$METHOD" \
     --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" "${clip_args[@]}" \
+    --clip-if-missing "$K_CLIP,$V_CLIP" \
     --absorb-v "$ABSORB_V" --group-size "$GROUP_SIZE" --reasoning-parser "$REASONING_PARSER" \
     --server-args "$SERVER_ARGS" --health-timeout "$HEALTH_TIMEOUT" --task "$1" \
     --n "$N_REPEATS" --workers "$WORKERS" --model-label "$(basename "$MODEL_DIR")" \

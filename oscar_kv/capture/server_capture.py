@@ -35,24 +35,31 @@ CAPTURE_TOKENS_ENV = "SGLANG_OSCAR_CAPTURE_TOKENS"
 
 
 def server_command(model_path: str, tp: int, port: int, seq_len: int, extra: str = "") -> list:
-    """The launch command: radix cache off (a cached prefix would hide tokens from the capture)
-    and a prefill chunk that holds a whole calibration sequence."""
+    """The launch command: radix cache off (a cached prefix would hide tokens from the capture),
+    no warmup request (it would be captured), and a prefill chunk that holds a whole
+    calibration sequence."""
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
             "--tensor-parallel-size", str(tp), "--host", "127.0.0.1", "--port", str(port),
-            "--trust-remote-code", "--disable-radix-cache",
+            "--trust-remote-code", "--disable-radix-cache", "--skip-server-warmup",
             "--chunked-prefill-size", str(max(seq_len, 8192)), *shlex.split(extra)]
 
 
 def _post(url: str, payload: dict, timeout: float) -> dict:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"{}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise OscarError(f"the calibration request to {url} failed ({type(e).__name__}: {e}); "
+                         "see server.log in the output directory") from None
 
 
 def healthy(base: str) -> bool:
+    """Ready to take requests. /get_model_info answers without generating: /health runs a
+    one-token generation, which the capture would record."""
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+        with urllib.request.urlopen(f"{base}/get_model_info", timeout=5) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -73,6 +80,19 @@ def ranks_done(capture_dir: Path, tp: int) -> bool:
     """True once every rank wrote rank<r>/pass1.pt (the plugin does so when the token budget
     is reached)."""
     return len(list(capture_dir.glob("rank*/pass1.pt"))) >= tp
+
+
+def _check_counts(out_dir: Path, tokens: int, sequences: int) -> None:
+    """The merged statistics must hold exactly the calibration sequences: anything else (a
+    warmup or health request captured, a sequence split by chunked prefill) is reported."""
+    from oscar_kv.capture.stats import load_stats
+
+    stats = load_stats(out_dir)
+    got = (int(stats.get("num_tokens", -1)), int(stats.get("num_sequences", -1)))
+    if got != (tokens, sequences):
+        raise OscarError(f"the capture in {out_dir} holds {got[0]} tokens in {got[1]} sequences "
+                         f"but {tokens} tokens in {sequences} sequences were sent; check "
+                         f"server.log for other requests or chunked prompts")
 
 
 def run_server_capture(model_path: str, data: str, out: str, tp: int = 1,
@@ -113,6 +133,7 @@ def run_server_capture(model_path: str, data: str, out: str, tp: int = 1,
         wait_until(lambda: ranks_done(out_dir, tp), proc, capture_timeout, 2.0,
                    f"all {tp} ranks wrote their capture (rank*/pass1.pt)", log)
     merge_capture(out_dir)
+    _check_counts(out_dir, total, len(seqs))
     if not keep_spill:
         for rank_dir in out_dir.glob("rank*"):
             shutil.rmtree(rank_dir / "kv", ignore_errors=True)

@@ -89,6 +89,14 @@ def key_means(layers: dict[int, dict], geom: ModelGeometry) -> torch.Tensor | No
     return torch.stack(means)
 
 
+def _centered(k: torch.Tensor, mean: torch.Tensor, layer: int) -> torch.Tensor:
+    """Held-out keys [S, T, Hkv, D] minus the layer's key mean [Hkv, D] (same dtype)."""
+    if k.ndim != 4 or tuple(k.shape[-2:]) != tuple(mean.shape):
+        raise OscarError(f"holdout k of layer {layer} is {tuple(k.shape)} but the key means are "
+                         f"{tuple(mean.shape)}; re-run `python -m oscar_kv calibrate`")
+    return (k.float() - mean).to(k.dtype)
+
+
 def _plain(x: object) -> object:
     """A stats header value as a JSON/weights_only-safe scalar."""
     if isinstance(x, torch.Tensor):
@@ -129,6 +137,8 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
         fitted[target] = fit_target(layers, est, composition, d)
         say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
             f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
+    # the data-free baselines (naive = identity, hadamard) are defined without centering
+    center_k = center_k and not ESTIMATORS.get(k_est).data_free
     k_mean = key_means(layers, geom) if center_k else None
     if center_k and k_mean is None:
         say("statistics have no key sums (captured by an older calibrate): fitting without K "
@@ -144,7 +154,7 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
         quant.groups(d)
         holdout = load_holdout(stats_dir)
         if k_mean is not None:  # the proxies must see the keys as the cache stores them
-            holdout = {**holdout, "k": {i: (k.float() - k_mean[int(i)]).to(k.dtype)
+            holdout = {**holdout, "k": {i: _centered(k, k_mean[int(i)], int(i))
                                         for i, k in holdout["k"].items()}}
         report = search_clip_ratios(holdout, fitted["k"][0], fitted["v"][0], quant, window,
                                     check_grid(clip_grid), k_objective, v_objective,

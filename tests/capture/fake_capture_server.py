@@ -31,7 +31,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        self._reply(200 if self.path == "/health" else 404, {})
+        if self.path == "/health":  # a real server generates a token here: must not be used
+            (OUT / "health_called").write_text("yes")
+        self._reply(200 if self.path in ("/health", "/get_model_info") else 404, {})
 
     def do_POST(self) -> None:
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

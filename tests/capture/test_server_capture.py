@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from oscar_kv.capture import server_capture
 from oscar_kv.capture.data import load_calibration_data
@@ -31,10 +32,21 @@ def tokens(tmp_path) -> str:
     return str(path)
 
 
+def _fake_merge(merged: list, extra_tokens: int = 0):
+    """Stands in for the plugin's merge: a stats.pt with the counts of what the server saw."""
+    def merge(d):
+        d = Path(d)
+        got = [json.loads(line)["ids"] for line in (d / "received.jsonl").read_text().splitlines()]
+        torch.save({"format": "oscar-kv-stats", "version": 1, "num_sequences": len(got),
+                    "num_tokens": sum(map(len, got)) + extra_tokens}, d / "stats.pt")
+        merged.append(d)
+        return d
+    return merge
+
+
 def test_sends_exactly_the_calibration_sequences_then_merges(tmp_path, tokens, monkeypatch):
     merged = []
-    monkeypatch.setattr("oscar_kv.sglang_plugin.capture.merge_capture",
-                        lambda d: merged.append(Path(d)) or Path(d))
+    monkeypatch.setattr("oscar_kv.sglang_plugin.capture.merge_capture", _fake_merge(merged))
     out = tmp_path / "stats"
     server_capture.run_server_capture(
         "unused-model", tokens, str(out), tp=2, max_tokens=1000, seq_len=256,
@@ -47,6 +59,17 @@ def test_sends_exactly_the_calibration_sequences_then_merges(tmp_path, tokens, m
     assert merged == [out]
     assert sorted(p.parent.name for p in out.glob("rank*/pass1.pt")) == ["rank0", "rank1"]
     assert not list(out.glob("rank*/kv"))  # spills removed after the merge
+    assert not (out / "health_called").exists()  # readiness without a generation
+
+
+def test_extra_captured_tokens_are_reported(tmp_path, tokens, monkeypatch):
+    """e.g. a warmup or health request recorded by the server's capture."""
+    monkeypatch.setattr("oscar_kv.sglang_plugin.capture.merge_capture", _fake_merge([], 13))
+    with pytest.raises(OscarError, match="tokens in .* sequences were sent"):
+        server_capture.run_server_capture(
+            "unused-model", tokens, str(tmp_path / "s"), tp=1, max_tokens=600, seq_len=256,
+            port=_free_port(), server_cmd=f"{sys.executable} {FAKE} 1", health_timeout=30,
+            capture_timeout=30)
 
 
 def test_missing_ranks_time_out_with_a_clear_message(tmp_path, tokens, monkeypatch):
@@ -74,7 +97,7 @@ def test_refuses_a_non_empty_output_and_a_dead_server(tmp_path, tokens):
 def test_launch_command_disables_the_radix_cache_and_fits_a_sequence():
     cmd = server_capture.server_command("M", 4, 31000, 16384, "--mem-fraction-static 0.8")
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
-    assert "--disable-radix-cache" in cmd
+    assert "--disable-radix-cache" in cmd and "--skip-server-warmup" in cmd
     assert cmd[cmd.index("--chunked-prefill-size") + 1] == "16384"
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "4"
     assert cmd[-2:] == ["--mem-fraction-static", "0.8"]

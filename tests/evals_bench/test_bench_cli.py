@@ -146,3 +146,27 @@ def test_scripts(tmp_path, capsys):
     table = runpy.run_path(str(REPO / "scripts" / "results_table.py"), run_name="not_main")
     assert table["main"]([str(tmp_path)]) == 0 and "no metrics.json" in capsys.readouterr().out
     assert table["main"]([str(tmp_path / "missing")]) == 2
+
+
+def test_published_rotations_without_clips_are_never_served_unclipped(tmp_path):
+    """A RotationZoo pair (no clip_ratio) takes --clip-if-missing, or is refused; fitted
+    files keep their own ratios (None: the plugin reads them from the checkpoint)."""
+    import torch
+
+    from oscar_kv.errors import OscarError
+    from oscar_kv.evals.bench.serve import resolve_clips
+    from oscar_kv.fit.checkpoint import build_checkpoint
+
+    r = torch.eye(8).expand(2, 8, 8).contiguous()
+    ev = torch.ones(2, 8)
+    for clips, d in ((None, tmp_path / "zoo"), ([0.95, 0.95], tmp_path / "fit")):
+        d.mkdir()
+        torch.save(build_checkpoint(r, ev, "qqt_r_h_pbr", clips), d / "k_rotation_qqt_r_h_pbr.pt")
+    assert resolve_clips("oscar", str(tmp_path / "zoo"), None, None, "0.96,0.92") == (0.96, 0.92)
+    with pytest.raises(OscarError, match="no fitted clip ratios"):
+        resolve_clips("oscar", str(tmp_path / "zoo"), None, None)
+    with pytest.raises(OscarError, match="needs 'K,V'"):
+        resolve_clips("oscar", str(tmp_path / "zoo"), None, None, "0.9")
+    assert resolve_clips("oscar", str(tmp_path / "fit"), None, None, "0.96,0.92") == (None, None)
+    assert resolve_clips("oscar", str(tmp_path / "zoo"), 0.9, 0.8) == (0.9, 0.8)
+    assert resolve_clips("naive", str(tmp_path / "zoo"), None, None) == (None, None)

@@ -117,6 +117,10 @@ def test_key_means_from_statistics(stats_dir, tmp_path):
     assert report["k_centered"] is True
     fit_rotations(tmp_path / "s", tmp_path / "u", fit_clip=False, center_k=False)
     assert load_rotation_set(tmp_path / "u").k_mean is None
+    for baseline in ("identity", "hadamard"):  # naive / hadamard are never centered
+        fit_rotations(tmp_path / "s", tmp_path / baseline, method=baseline, fit_clip=False)
+        raw = torch.load(tmp_path / baseline / f"k_rotation_{baseline}.pt", weights_only=True)
+        assert "k_mean" not in raw["layers"][0]
     st = torch.load(tmp_path / "s" / "stats.pt", weights_only=True)
     for entry in st["layers"].values():
         del entry["k_sum"]

@@ -202,3 +202,24 @@ def test_gpu_long_and_wide_batches(lens, hkv, gqa):
     out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                            case.tables)
     _check(case, out.float())
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_stores_keep_fp32_dots():
+    """fp32 q and fp32 window stores with groups < head_dim (the dequantizing INT2 path) ask
+    for IEEE fp32 dots: the kernel must stay near the fp32 reference. TF32 (10-bit mantissa)
+    would be ~100x further off."""
+    import dataclasses
+
+    win = WindowSpec()
+    case = make_decode_case([3000, 700], num_kv_heads=2, gqa=4, head_dim=128, window=win,
+                            spec=QuantSpec(group_size=32), q_dtype=torch.float32,
+                            device="cuda")
+    case = dataclasses.replace(case, k_bf16=case.k_bf16.float(), v_bf16=case.v_bf16.float())
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=_plan(case, block_n=64, hp_block_n=64,
+                                                   int2_splits=4))
+    refs = reference_outputs(case)
+    err = max_err(out, refs["fp64"])
+    own_fp32 = max_err(refs["fp32"], refs["fp64"])
+    assert err <= 20 * own_fp32 + 1e-6, f"fp32 error {err:.3g} vs {own_fp32:.3g}"

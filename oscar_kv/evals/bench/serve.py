@@ -66,6 +66,31 @@ def server_env(method: str, rot_dir: str | None, k_clip: float | None, v_clip: f
     return env
 
 
+def resolve_clips(method: str, rot_dir: str | None, k_clip: float | None,
+                  v_clip: float | None, if_missing: str = "") -> tuple:
+    """The clip ratios to serve `oscar` with: explicit ones win; else the checkpoint's own
+    (None, None: the plugin reads them); a K file without ratios (published RotationZoo files)
+    takes `if_missing` ("K,V", e.g. a model's vars.sh values) and is refused without it, so a
+    published rotation is never served unclipped by accident."""
+    if method != "oscar" or k_clip is not None or v_clip is not None or not rot_dir:
+        return k_clip, v_clip
+    from oscar_kv.fit.checkpoint import read_rotation_file
+
+    k_file = Path(rot_dir) / ROTATION_FILES["oscar"][0]
+    if not k_file.is_file() or read_rotation_file(k_file).clip_ratios is not None:
+        return None, None
+    if not if_missing:
+        raise OscarError(f"{k_file} has no fitted clip ratios (a published RotationZoo file?); "
+                         "pass --k-clip/--v-clip or --clip-if-missing K,V (the original used "
+                         "0.96,0.92)")
+    try:
+        k, v = (float(x) for x in if_missing.split(","))
+    except ValueError:
+        raise OscarError(f"--clip-if-missing needs 'K,V' (two ratios), got {if_missing!r}"
+                         ) from None
+    return k, v
+
+
 def server_command(model_path: str, method: str, tp: int, port: int, group_size: int = 128,
                    reasoning_parser: str = "", extra: str = "",
                    python: str = sys.executable) -> list[str]:
@@ -104,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the checkpoint's K clip ratio (oscar only)")
     ap.add_argument("--v-clip", type=float, default=None,
                     help="override the checkpoint's V clip ratio (oscar only)")
+    ap.add_argument("--clip-if-missing", default="",
+                    help="'K,V' clip ratios for rotation files that carry none (RotationZoo)")
     ap.add_argument("--sink-tokens", type=int, default=64)
     ap.add_argument("--recent-tokens", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=128)
@@ -123,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        env = server_env(args.method, args.rot_dir, args.k_clip, args.v_clip,
+        k_clip, v_clip = resolve_clips(args.method, args.rot_dir, args.k_clip, args.v_clip,
+                                       args.clip_if_missing)
+        env = server_env(args.method, args.rot_dir, k_clip, v_clip,
                          args.sink_tokens, args.recent_tokens, args.scale_dtype,
                          bool(args.absorb_v))
         if args.server_cmd:

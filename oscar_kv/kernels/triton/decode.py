@@ -299,7 +299,7 @@ def _int2_group_part(
     stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    GROUP: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr,
+    GROUP: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Several (scale, zero) groups per row: tiles are dequantized in registers (a packed byte
     holds dims j, j+D/4, j+D/2, j+3D/4, so each 2-bit field is a contiguous quarter-vector
@@ -327,7 +327,8 @@ def _int2_group_part(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slot = tl.load(slots_ptr + b.to(tl.int64) * stride_tb + offs_n, mask=mask_n,
+                       other=0).to(tl.int64)
         kb = tl.load(kp_ptr + slot[None, :] * stride_kpn + k_head + offs_q[:, None],
                      mask=mask_n[None, :], other=0)
         vb = tl.load(vp_ptr + slot[:, None] * stride_vpn + v_head + offs_q[None, :],
@@ -339,13 +340,13 @@ def _int2_group_part(
             kz = tl.load(kz_ptr + moff, mask=mask_n[None, :], other=0.0).to(tl.float32)
             k_i = _operand(((((kb >> (2 * i)) & 3).to(tl.float32) - kz) * ks), DOT, EMU)
             if i == 0:
-                qk = tl.dot(q0, k_i, qk)
+                qk = tl.dot(q0, k_i, qk, input_precision=PRECISION)
             elif i == 1:
-                qk = tl.dot(q1, k_i, qk)
+                qk = tl.dot(q1, k_i, qk, input_precision=PRECISION)
             elif i == 2:
-                qk = tl.dot(q2, k_i, qk)
+                qk = tl.dot(q2, k_i, qk, input_precision=PRECISION)
             else:
-                qk = tl.dot(q3, k_i, qk)
+                qk = tl.dot(q3, k_i, qk, input_precision=PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         p, alpha, m, lsum = _softmax_step(qk, m, lsum)
         pd = _operand(p, DOT, EMU)
@@ -355,13 +356,17 @@ def _int2_group_part(
             vz = tl.load(vz_ptr + moff, mask=mask_n[:, None], other=0.0).to(tl.float32)
             v_i = _operand(((((vb >> (2 * i)) & 3).to(tl.float32) - vz) * vs), DOT, EMU)
             if i == 0:
-                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None])
+                acc0 = tl.dot(pd, v_i, acc0 * alpha[:, None],
+                              input_precision=PRECISION)
             elif i == 1:
-                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None])
+                acc1 = tl.dot(pd, v_i, acc1 * alpha[:, None],
+                              input_precision=PRECISION)
             elif i == 2:
-                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None])
+                acc2 = tl.dot(pd, v_i, acc2 * alpha[:, None],
+                              input_precision=PRECISION)
             else:
-                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None])
+                acc3 = tl.dot(pd, v_i, acc3 * alpha[:, None],
+                              input_precision=PRECISION)
 
     no_zero = tl.zeros([BLOCK_H], tl.float32)  # dequantized in registers: no zero term
     _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, no_zero,
@@ -395,7 +400,8 @@ def _bf16_part(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slot = tl.load(slots_ptr + b * stride_tb + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slot = tl.load(slots_ptr + b.to(tl.int64) * stride_tb + offs_n, mask=mask_n,
+                       other=0).to(tl.int64)
         k = _operand(tl.load(k_ptr + slot[None, :] * stride_kn + kvh * stride_kh
                              + offs_d[:, None], mask=mask_n[None, :], other=0.0), DOT, EMU)
         v = _operand(tl.load(v_ptr + slot[:, None] * stride_vn + kvh * stride_vh
@@ -455,7 +461,8 @@ def _decode_stage1_kernel(
                                  split, stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn,
                                  stride_ksh, stride_vpn, stride_vph, stride_vsn, stride_vsh,
                                  stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                                 GQA, BLOCK_H, BLOCK_N, D, GROUP, DOT, EMU)
+                                 GQA, BLOCK_H, BLOCK_N, D, GROUP, DOT, EMU,
+                                 PRECISION)
     if HAS_HP:
         if split >= int2_splits:
             _bf16_part(q_ptr, k_ptr, v_ptr, hslots_ptr, hlen_ptr, mid_o_ptr, mid_lse_ptr,
