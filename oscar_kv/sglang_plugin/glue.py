@@ -94,6 +94,8 @@ def alloc_for_extend_around(orig, batch):
     for req, seq_len in zip(batch.reqs, batch.seq_lens_cpu.tolist(), strict=True):
         _set_allocated(req, seq_len)
     rows_cpu = torch.tensor(rows, dtype=torch.int64)
+    if torch.device(batch.device).type == "cuda":  # a pageable copy would sync the stream
+        rows_cpu = rows_cpu.pin_memory()
     return out, rows_cpu.to(batch.device, non_blocking=True), rows_cpu
 
 

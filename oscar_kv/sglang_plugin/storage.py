@@ -5,6 +5,10 @@ Per local layer l (framework-free; kernels from `oscar_kv.kernels`):
     k_int2[l], v_int2[l]   Int2Store: packed uint8 [int2_rows, Hkv, D/4], scale/zero [.., D/G]
     k_bf16[l], v_bf16[l]   bf16 [bf16_rows, Hkv, D]   (row = flat id - hp_offset)
 
+each a view of one tensor per kind and side holding every layer (`int2_all`: layer l's rows at
+[l * int2_rows, (l + 1) * int2_rows); `bf16_all` [L, bf16_rows, Hkv, D]), so the flush
+quantizes the rows of all layers that share a clip ratio in one launch.
+
 Every row holds *rotated* K / V ((k - k_mean) R_K, v R_V): callers rotate once, to bf16, and
 hand the rows here, so INT2 rows are quantized from exactly the bf16 values a BF16 row would
 hold (as the HF cache does). INT2 slot 0 and the last BF16 row are the reserved dummies that padded
@@ -50,22 +54,25 @@ class MixedKVStorage:
         self.device = torch.device(device)
         self.kernel_backend = kernel_backend
         g, dt = spec.groups(head_dim), spec.torch_scale_dtype
+        n, rows, h = num_layers, layout.int2_rows, num_kv_heads
+        z = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        # one tensor per kind for all layers (per-layer views below), so the flush can quantize
+        # every layer's rows in one kernel launch per clip ratio instead of one per layer
+        self.int2_all = {side: Int2Store(z(n * rows, h, head_dim // 4, dtype=torch.uint8),
+                                         z(n * rows, h, g, dtype=dt), z(n * rows, h, g, dtype=dt),
+                                         spec) for side in "kv"}
+        self.bf16_all = {side: z(n, layout.bf16_rows, h, head_dim, dtype=HP_DTYPE)
+                         for side in "kv"}
 
-        def int2() -> Int2Store:
-            rows = layout.int2_rows
-            return Int2Store(
-                torch.zeros(rows, num_kv_heads, head_dim // 4, dtype=torch.uint8, device=device),
-                torch.zeros(rows, num_kv_heads, g, dtype=dt, device=device),
-                torch.zeros(rows, num_kv_heads, g, dtype=dt, device=device), spec)
+        def int2(side: str, layer: int) -> Int2Store:
+            st, sl = self.int2_all[side], slice(layer * rows, (layer + 1) * rows)
+            return Int2Store(st.packed[sl], st.scale[sl], st.zero[sl], spec)
 
-        def bf16() -> torch.Tensor:
-            return torch.zeros(layout.bf16_rows, num_kv_heads, head_dim, dtype=HP_DTYPE,
-                               device=device)
-
-        self.k_int2 = [int2() for _ in range(num_layers)]
-        self.v_int2 = [int2() for _ in range(num_layers)]
-        self.k_bf16 = [bf16() for _ in range(num_layers)]
-        self.v_bf16 = [bf16() for _ in range(num_layers)]
+        self.k_int2 = [int2("k", i) for i in range(n)]
+        self.v_int2 = [int2("v", i) for i in range(n)]
+        self.k_bf16 = list(self.bf16_all["k"].unbind(0))
+        self.v_bf16 = list(self.bf16_all["v"].unbind(0))
+        self._groups: dict[tuple, list[tuple]] = {}
 
     @property
     def window(self) -> WindowSpec:
@@ -73,10 +80,11 @@ class MixedKVStorage:
 
     def nbytes(self) -> tuple[int, int]:
         """(K bytes, V bytes) of every tensor held."""
-        def size(stores, arenas):
-            return sum(s.packed.nbytes + s.scale.nbytes + s.zero.nbytes for s in stores) + \
-                sum(a.nbytes for a in arenas)
-        return size(self.k_int2, self.k_bf16), size(self.v_int2, self.v_bf16)
+        def size(side):
+            st = self.int2_all[side]
+            return st.packed.nbytes + st.scale.nbytes + st.zero.nbytes + \
+                self.bf16_all[side].nbytes
+        return size("k"), size("v")
 
     # ---- writes (rows already rotated, any float dtype; rounded to bf16 first) -----------
     def write_split(self, layer: int, split: RowSplit, k: torch.Tensor, v: torch.Tensor,
@@ -123,16 +131,37 @@ class MixedKVStorage:
 
     def flush(self, src: torch.Tensor, dst: torch.Tensor, clip_k: list[float],
               clip_v: list[float]) -> None:
-        """Quantize BF16 rows of flat ids src [m] into INT2 slots dst [m], every layer."""
+        """Quantize BF16 rows of flat ids src [m] into INT2 slots dst [m], every layer: one
+        `write_int2` per side and distinct clip ratio over the rows of all layers that share
+        it (rows are quantized independently, so this equals a launch per layer)."""
         if src.numel() == 0:
             return
         rows = src.to(device=self.device, dtype=torch.long) - self.layout.hp_offset
         dst = dst.to(device=self.device, dtype=torch.long)
-        for layer in range(self.num_layers):
-            for arena, st, clip in ((self.k_bf16[layer], self.k_int2[layer], clip_k[layer]),
-                                    (self.v_bf16[layer], self.v_int2[layer], clip_v[layer])):
-                write_int2(arena.index_select(0, rows), None, clip, self.spec, dst, st.packed,
-                           st.scale, st.zero, backend=self.kernel_backend)
+        m = rows.numel()
+        for side, clips in (("k", clip_k), ("v", clip_v)):
+            arena, store = self.bf16_all[side], self.int2_all[side]
+            for clip, sel, base in self._clip_groups(tuple(clips)):
+                x = arena if sel is None else arena.index_select(0, sel)
+                x = x.index_select(1, rows).reshape(base.numel() * m, *arena.shape[2:])
+                slots = (base[:, None] + dst[None, :]).reshape(-1)
+                write_int2(x, None, clip, self.spec, slots, store.packed, store.scale,
+                           store.zero, backend=self.kernel_backend)
+
+    def _clip_groups(self, clips: tuple[float, ...]) -> list[tuple]:
+        """[(clip, layer index tensor or None for all layers, first INT2 row of each layer)],
+        built once per clip tuple (no host-to-device copy per flush)."""
+        if clips not in self._groups:
+            if len(clips) != self.num_layers:
+                raise OscarError(f"{len(clips)} clip ratios for {self.num_layers} layers")
+            groups = []
+            for clip in dict.fromkeys(clips):
+                layers = [i for i, c in enumerate(clips) if c == clip]
+                sel = torch.tensor(layers, device=self.device)
+                groups.append((clip, None if len(layers) == len(clips) else sel,
+                               sel * self.layout.int2_rows))
+            self._groups[clips] = groups
+        return self._groups[clips]
 
     # ---- reads ---------------------------------------------------------------------------
     def token_maps(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

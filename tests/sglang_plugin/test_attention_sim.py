@@ -9,6 +9,7 @@ from sglang_sim import SimServer, oracle
 
 from oscar_kv.cache.reference import mixed_attention_reference
 from oscar_kv.config import QuantSpec, WindowSpec
+from oscar_kv.sglang_plugin.pool import apply_slot_plan
 from oscar_kv.sglang_plugin.pool_index import DUMMY_INT2, PoolLayout, pool_bytes
 from oscar_kv.sglang_plugin.storage import MixedKVStorage
 
@@ -95,3 +96,60 @@ def test_token_maps_clamp_stale_ids():
     i2, bf = st.token_maps(torch.tensor([[-5, 10, 10_000, lay.hp_offset + 3]]))
     assert i2.tolist() == [[0, 10, lay.int2_rows - 1, lay.int2_rows - 1]]
     assert bf.tolist() == [[0, 0, lay.bf16_rows - 1, 3]]
+
+
+def test_flush_of_all_layers_equals_per_layer_writes():
+    """The flush quantizes every layer sharing a clip ratio in one write: bit-identical to one
+    write_int2 per layer (per-layer clips mixed here)."""
+    from oscar_kv.kernels import write_int2
+
+    w, spec = WindowSpec(8, 16, 8), QuantSpec(group_size=16)
+    lay = PoolLayout(w, 60, 2)
+    st = MixedKVStorage(lay, 3, 2, 32, spec, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for a in (st.bf16_all["k"], st.bf16_all["v"]):
+        a.copy_(torch.randn(a.shape, generator=g))
+    ref = [[s.packed.clone(), s.scale.clone(), s.zero.clone()] for s in st.k_int2 + st.v_int2]
+    src = torch.tensor([lay.ring_offset + 3, lay.ring_offset + 9, lay.hp_offset + 1])
+    dst = torch.tensor([5, 17, 2])
+    clip_k, clip_v = [0.9, 0.8, 0.9], [0.7, 0.7, 0.7]
+    st.flush(src, dst, clip_k, clip_v)
+    rows = src - lay.hp_offset
+    for i, (arena, clip) in enumerate(zip(st.k_bf16 + st.v_bf16, clip_k + clip_v, strict=True)):
+        write_int2(arena[rows], None, clip, spec, dst, *ref[i])
+        got = st.k_int2[i] if i < 3 else st.v_int2[i - 3]
+        for want, have in zip(ref[i], (got.packed, got.scale, got.zero), strict=True):
+            assert torch.equal(want, have), i
+
+
+def test_flat_prefix_plan_equals_per_request_tables():
+    """plan_extend gathers every request's prefix at once; the rows the batched kernel reads
+    (dequantize_prefixes indexed by kv_indices) equal, row for row and in order,
+    kernels.dequantize_prefix of each request's own tables (the previous per-request path)."""
+    from oscar_kv.cache.windows import body_end
+    from oscar_kv.kernels import KVTables, dequantize_prefix
+    from oscar_kv.sglang_plugin.attention import dequantize_prefixes, plan_extend
+
+    w = WindowSpec(8, 16, 8)
+    srv = SimServer(w, QuantSpec(group_size=16))
+    srv.extend([("a", 1, 0, 20), ("b", 2, 0, 50), ("c", 3, 0, 5)])
+    batch = [("a", 1, 20, 3), ("b", 2, 50, 40), ("d", 4, 0, 6), ("c", 3, 5, 1)]
+    plan = srv.planner.extend(batch)
+    n = srv.numerics
+    loc = apply_slot_plan(srv.storage, plan, srv.req_to_token, n.clip_k, n.clip_v)
+    ep = plan_extend(srv.storage, srv.req_to_token, torch.tensor([b[1] for b in batch]),
+                     [b[2] for b in batch], [b[3] for b in batch], loc)
+    hp = srv.storage.layout.hp_offset
+    for store, arena in ((srv.storage.k_int2[0], srv.storage.k_bf16[0]),
+                         (srv.storage.v_int2[1], srv.storage.v_bf16[1])):
+        flat = dequantize_prefixes(store, arena, ep, torch.bfloat16)
+        for i, (_, row, p, m) in enumerate(batch):
+            seg = ep.kv_indices[ep.kv_indptr[i]:ep.kv_indptr[i + 1]]
+            end = body_end(p + m, w)
+            ids = srv.req_to_token[row].long()
+            body = ids[8:min(end, p)] if min(end, p) > 8 else ids[:0]
+            bf = torch.cat([ids[:min(8, p)], ids[max(8, end):p]]) - hp
+            tables = KVTables(body[None], torch.tensor([len(body)]), bf[None],
+                              torch.tensor([len(bf)]))
+            want = dequantize_prefix(store, arena, tables, torch.bfloat16)[0][0]
+            assert torch.equal(flat[seg], want), (i, p)

@@ -244,9 +244,9 @@ def test_sglang_triton_extend_kernel_matches(tmp_path):
     """The GPU extend path (dequantized prefix + SGLang's extend_attention_fwd), run by the
     Triton interpreter on fp32 tensors, against the same oracle."""
     h = Harness(tmp_path, impl="sglang")
-    a, b = FakeReq("a"), FakeReq("b")
+    a, b, c = FakeReq("a"), FakeReq("b"), FakeReq("c")
     h.extend([(a, 0, 20), (b, 0, 7)])
-    h.extend([(a, 20, 28)])
+    h.extend([(a, 20, 28), (c, 0, 5), (b, 7, 9)])  # two prefixes gathered in one plan
 
 
 @pytest.mark.slow
