@@ -41,7 +41,7 @@ serve_and_eval() {
   local clip_args=()
   read -r -a clip_args <<< "${SERVE_CLIP_ARGS:-}"
   "$PYTHON" -m oscar_kv.evals.bench.serve --model-path "$MODEL_PATH" --method "$METHOD" \
-    --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" "${clip_args[@]}" \
+    --rot-dir "$ROT_DIR" --tp "$TP_EVAL" --port "$PORT" ${clip_args[@]+"${clip_args[@]}"} \
     --clip-if-missing "$K_CLIP,$V_CLIP" \
     --absorb-v "$ABSORB_V" --group-size "$GROUP_SIZE" --reasoning-parser "$REASONING_PARSER" \
     --server-args "$SERVER_ARGS" --health-timeout "$HEALTH_TIMEOUT" --task "$1" \

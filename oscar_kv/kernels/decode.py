@@ -92,6 +92,9 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
     compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
     double buffer (True) or a plain loop left to Triton's pipeliner (num_stages)."""
+    for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
+        if n < 16 or n & (n - 1):
+            raise OscarError(f"{name} must be a power of two >= 16 (a tl.dot tile), got {n}")
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
@@ -166,7 +169,10 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
         dot, prec = tl.float32, "ieee"
     else:
         dot, prec = (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
-    magic = 1 if os.environ.get(UNPACK_ENV, "asm") == "triton" else 2
+    unpack = os.environ.get(UNPACK_ENV, "asm")
+    if unpack not in ("asm", "triton"):
+        raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default) or 'triton'")
+    magic = 1 if unpack == "triton" else 2
     return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec)
 
 

@@ -138,6 +138,19 @@ def test_plan_mismatch_is_clear(triton_device):
                          case.tables, plan=plan, backend="triton")
 
 
+def test_plan_rejects_bad_tiles_and_unpack_names(monkeypatch):
+    for kw in ({"block_n": 48}, {"hp_block_n": 8}):
+        with pytest.raises(OscarError, match="power of two >= 16"):
+            plan_decode(1, 8, 2, 64, max_body_len=100, max_hp_len=10, device="cpu", **kw)
+    from oscar_kv.kernels.decode import _dot_config
+
+    monkeypatch.setenv("OSCAR_KV_INT2_UNPACK", "fast")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU branch reads the variable
+    x = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+    with pytest.raises(OscarError, match="use 'asm'"):
+        _dot_config(x, x)
+
+
 def test_plan_split_heuristic():
     p = plan_decode(1, 32, 8, 128, max_body_len=131072, max_hp_len=327, device="cpu",
                     num_sms=132)
