@@ -89,6 +89,18 @@ def key_means(layers: dict[int, dict], geom: ModelGeometry) -> torch.Tensor | No
     return torch.stack(means)
 
 
+def centered_key_moments(layers: dict[int, dict]) -> dict[int, dict]:
+    """The statistics with kk replaced by the centered second moment
+    sum_t (k - mean)^T (k - mean) = kk - k_sum^T k_sum / n (per KV head); everything else,
+    including the query moments the default K estimator uses, is unchanged."""
+    out = {}
+    for i, st in layers.items():
+        k_sum, n = st["k_sum"].to(torch.float64), int(st["n"])
+        outer = k_sum[:, :, None] * k_sum[:, None, :] / n
+        out[i] = {**st, "kk": st["kk"].to(torch.float64) - outer}
+    return out
+
+
 def _centered(k: torch.Tensor, mean: torch.Tensor, layer: int) -> torch.Tensor:
     """Held-out keys [S, T, Hkv, D] minus the layer's key mean [Hkv, D] (same dtype)."""
     if k.ndim != 4 or tuple(k.shape[-2:]) != tuple(mean.shape):
@@ -132,14 +144,16 @@ def fit_rotations(stats_dir: str | Path, out_dir: str | Path, method: str = "qqt
     stats, geom, layers = load_stats(stats_dir)
     d = geom.head_dim
     say = log or (lambda msg: None)
-    fitted = {}
-    for target, est in (("k", k_est), ("v", v_est)):
-        fitted[target] = fit_target(layers, est, composition, d)
-        say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
-            f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
     # the data-free baselines (naive = identity, hadamard) are defined without centering
     center_k = center_k and not ESTIMATORS.get(k_est).data_free
     k_mean = key_means(layers, geom) if center_k else None
+    fitted = {}
+    for target, est in (("k", k_est), ("v", v_est)):
+        # a key covariance must describe the keys as stored: centered when they are
+        src = centered_key_moments(layers) if target == "k" and k_mean is not None else layers
+        fitted[target] = fit_target(src, est, composition, d)
+        say(f"{target}: {objective_name(est, composition)} fitted for {len(layers)} layers, "
+            f"max|RR^T-I| = {max(fitted[target][2]):.2e}")
     if center_k and k_mean is None:
         say("statistics have no key sums (captured by an older calibrate): fitting without K "
             "centering; re-run `python -m oscar_kv calibrate` to get it")

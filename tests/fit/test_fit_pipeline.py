@@ -129,3 +129,24 @@ def test_key_means_from_statistics(stats_dir, tmp_path):
     fit_rotations(tmp_path / "s", tmp_path / "old", fit_clip=False, log=logs.append)
     assert load_rotation_set(tmp_path / "old").k_mean is None
     assert any("without K centering" in line for line in logs)
+
+
+def test_ktk_fits_the_centered_key_covariance(tmp_path):
+    """With centering the stored keys are k - mean, so `ktk` must diagonalise their
+    covariance, not the raw second moment (qqt, the default, is unaffected)."""
+    info = write_stats_dir(tmp_path / "s")
+    fit_rotations(tmp_path / "s", tmp_path / "c", method="ktk_vtv", composition="plain",
+                  fit_clip=False)
+    fit_rotations(tmp_path / "s", tmp_path / "u", method="ktk_vtv", composition="plain",
+                  fit_clip=False, center_k=False)
+    rc, ru = load_rotation_set(tmp_path / "c"), load_rotation_set(tmp_path / "u")
+    for layer, (_, k, _) in info["raw"].items():
+        kf = k.reshape(-1, k.shape[2], k.shape[3])
+        kc = kf - kf.mean(dim=0)
+        cov = torch.einsum("thd,the->de", kc, kc) / kc.shape[0] / kc.shape[1]
+        # the centered fit's rotation diagonalises the centered covariance
+        off = rc.k[layer].double().T @ cov @ rc.k[layer].double()
+        assert (off - torch.diag(off.diagonal())).abs().max() < 1e-6 * off.abs().max()
+        off_u = ru.k[layer].double().T @ cov @ ru.k[layer].double()
+        assert (off_u - torch.diag(off_u.diagonal())).abs().max() > 1e-3 * off_u.abs().max()
+    assert torch.equal(rc.v, ru.v)
