@@ -12,15 +12,19 @@ Phases (one int2 engine, one BF16 engine; the HF reference runs in a subprocess 
 PYTHONPATH drops the --overlay entries, so it uses the machine's transformers):
   A  sequential prompts: a long one chunked by --chunk (> sink + recent: the INT2 body and the
      flushed prefix are read by later chunks), one long single-chunk prompt, a shared-prefix pair
-     (a radix hit on the BF16 engine; int2 runs without the radix cache by design), a short one;
+     (the second must hit the radix cache on both engines; on int2 exactly the window-aware cap
+     `expected_int2_hit`: the cached sink + INT2 body, never the recent window), a short one;
   B  six short prompts at once (one prefill batch, no chunking) with long, different
      continuations: decode crosses sink + recent (flushes every 8 steps) while the batch shrinks
      6 -> 1 through padded CUDA-graph sizes (5, 6, 7 are padded to 8 by default);
   C  throughput: --bench-batch prompts of --bench-len tokens, --bench-new new tokens, both
      engines at the same --mem-fraction-static; KV capacity (max_total_num_tokens) of each.
-For A and B every SGLang continuation is teacher-forced through HF (same chunking): top-1
-agreement and mean |logprob difference| of SGLang's tokens, int2 vs HF `oscar` and, as the
-noise floor, BF16 engine vs HF `bf16`. Writes $OUT/sglang_check.json; exits 1 on failure.
+For A and B every SGLang continuation is teacher-forced through HF (same chunking; a radix hit
+of m tokens is a chunk boundary at m, and the first request of the pair is one chunk, so HF's
+[0, m) chunk computes what it cached): top-1 agreement and mean |logprob difference| of
+SGLang's tokens, int2 vs HF `oscar` and, as the noise floor, BF16 engine vs HF `bf16`, overall
+and for the hit prompt. The bench flushes the radix cache before each timed run, so both
+engines prefill every prompt. Writes $OUT/sglang_check.json; exits 1 on failure.
 """
 
 from __future__ import annotations
@@ -116,7 +120,24 @@ def build_prompts(toks: list[int], args) -> dict:
          for i, (n, m) in enumerate(zip(lens, news, strict=True))}
     if sum(lens) > args.chunk:
         sys.exit(f"error: phase B prompts ({sum(lens)} tokens) must fit one --chunk")
+    if len(a["shared_a"][0]) > args.chunk:
+        sys.exit(f"error: shared_a ({len(a['shared_a'][0])} tokens) must fit one --chunk")
     return {"A": a, "B": b}
+
+
+def expected_int2_hit(prompts: dict, args) -> int:
+    """Cached tokens shared_b must get on the int2 engine: what shared_a's release inserted
+    (its committed tokens up to the body end), capped for shared_b's window and chunk."""
+    from oscar_kv.config import WindowSpec
+    from oscar_kv.sglang_plugin.pool_index import cacheable_prefix, shareable_prefix
+
+    w = WindowSpec(*WINDOW, 8)
+    (ids_a, new_a), (ids_b, _) = prompts["A"]["shared_a"], prompts["A"]["shared_b"]
+    common = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False))
+                   if x != y),
+                  min(len(ids_a), len(ids_b)))
+    cached = min(cacheable_prefix(len(ids_a) + new_a - 1, w), common, len(ids_b) - 1)
+    return shareable_prefix(cached, len(ids_b), w, args.chunk)
 
 
 def engine_kwargs(args, kind: str) -> dict:
@@ -166,6 +187,7 @@ def bench(engine, toks: list[int], args) -> dict:
         raise RuntimeError("not enough held-out tokens for --bench-len x --bench-batch")
 
     def run(new: int) -> float:
+        engine.flush_cache()  # no radix hits: every run prefills every prompt
         t = time.perf_counter()
         engine.generate(input_ids=ids, sampling_params={"temperature": 0.0, "ignore_eos": True,
                                                         "max_new_tokens": new})
@@ -175,6 +197,8 @@ def bench(engine, toks: list[int], args) -> dict:
     t_prefill, t_full = run(1), run(args.bench_new)
     decode = args.bench_batch * (args.bench_new - 1) / max(t_full - t_prefill, 1e-9)
     return {"batch": args.bench_batch, "prompt_len": args.bench_len, "new": args.bench_new,
+            "prefill_s": round(t_prefill, 3),
+            "prefill_tok_s": round(args.bench_batch * args.bench_len / t_prefill, 1),
             "seconds": round(t_full, 3), "output_tok_s": round(args.bench_batch *
                                                                 args.bench_new / t_full, 1),
             "decode_tok_s": round(decode, 1)}
@@ -231,8 +255,8 @@ def hf_reference(inp: dict) -> dict:
             for name, run in runs.items():
                 ids = torch.tensor([run["prompt"]], device=dev)
                 cache = handle.new_cache()
-                for a in range(0, ids.shape[1], inp["chunk"]):
-                    logits = model(input_ids=ids[:, a:a + inp["chunk"]], past_key_values=cache,
+                for a, b in chunk_bounds(ids.shape[1], inp["chunk"], run.get("cached", 0)):
+                    logits = model(input_ids=ids[:, a:b], past_key_values=cache,
                                    use_cache=True).logits[0, -1]
                 top1, lps = [], []
                 for tok in run["tokens"]:
@@ -246,10 +270,18 @@ def hf_reference(inp: dict) -> dict:
     return out
 
 
+def chunk_bounds(length: int, chunk: int, cached: int = 0) -> list[tuple[int, int]]:
+    """SGLang's prefill chunks of a prompt: [0, cached) (what a radix hit reused, computed by
+    the earlier request in one chunk), then chunks of `chunk` tokens from `cached`."""
+    bounds = [(0, cached)] if cached else []
+    return bounds + [(a, min(a + chunk, length)) for a in range(cached, length, chunk)]
+
+
 def run_hf_subprocess(args, prompts: dict, results: dict, tmp: Path) -> dict:
     runs = {}
     for method, kind in (("oscar", "int2"), ("bf16", "bf16")):
-        runs[method] = {n: {"prompt": prompts[ph][n][0], "tokens": results[kind][ph][n]["tokens"]}
+        runs[method] = {n: {"prompt": prompts[ph][n][0], "tokens": results[kind][ph][n]["tokens"],
+                            "cached": results[kind][ph][n]["cached_tokens"]}
                         for ph in ("A", "B") for n in prompts[ph]}
     inp = {"model": str(args.model), "rotations": str(args.rotations), "chunk": args.chunk,
            "runs": runs}
@@ -296,6 +328,13 @@ def verdict(summary: dict, args) -> list[str]:
                      f"{max_dlp:.4f}")
     if bf["A"]["shared_b"]["cached_tokens"] <= 0:
         fails.append("the BF16 engine had no radix hit on the shared-prefix pair")
+    hit, want = i2["A"]["shared_b"]["cached_tokens"], summary.get("expected_int2_hit")
+    if hit <= 0 or (want is not None and hit != want):
+        fails.append(f"the int2 engine's radix hit on shared_b is {hit} tokens, expected {want}")
+    per = got["per_prompt"].get("shared_b")
+    if per and (per["top1"] < need_top1 or per["mean_abs_dlogprob"] > max_dlp):
+        fails.append(f"int2 after its radix hit (shared_b) vs HF oscar: top-1 {per['top1']}, "
+                     f"mean |dlogprob| {per['mean_abs_dlogprob']}")
     return fails
 
 
@@ -327,6 +366,7 @@ def main(argv=None) -> int:
         rotation_files(args.rotations)
         toks = load_tokens(args.model)
         prompts = build_prompts(toks, args)
+        summary["expected_int2_hit"] = expected_int2_hit(prompts, args)
         results = {kind: run_engine(kind, prompts, toks, args) for kind in ("int2", "bf16")}
         summary["engines"] = {k: {x: v for x, v in r.items() if x not in ("A", "B")}
                               for k, r in results.items()}

@@ -45,6 +45,16 @@ def test_prompt_plan_exercises_chunks_body_and_padding(dc):
     assert sum(len(x[0]) for x in b.values()) <= args.chunk  # one prefill batch, no chunking
     assert min(len(x[0]) + x[1] for x in b.values()) > p + r  # decode crosses the windows
     assert len({x[1] for x in b.values()}) == 6  # the batch shrinks one request at a time
+    assert len(a["shared_a"][0]) <= args.chunk  # one chunk: HF's [0, hit) chunk matches it
+    # int2: shared_a (460 + 63 committed) cached up to body_end(523) = 264, shared_b (450
+    # tokens, one chunk) may reuse up to body_end(450) = 192 (sink + INT2 body)
+    assert dc.expected_int2_hit(prompts, args) == 192
+
+
+def test_chunk_bounds(dc):
+    assert dc.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert dc.chunk_bounds(10, 4, cached=3) == [(0, 3), (3, 7), (7, 10)]
+    assert dc.chunk_bounds(4, 8, cached=3) == [(0, 3), (3, 4)]
 
 
 def test_agreement_and_verdict(dc):
@@ -53,13 +63,20 @@ def test_agreement_and_verdict(dc):
     m = dc.agreement(sgl, hf)
     assert m["top1"] == 0.75 and m["mean_abs_dlogprob"] == pytest.approx(0.0125)
     args = dc.parse_args(["--model", "m", "--rotations", "r"])
-    eng = {"kv_cache_dtype": "int2", "attention_backend": "int2_triton"}
+    eng = {"kv_cache_dtype": "int2", "attention_backend": "int2_triton",
+           "A": {"shared_b": {"cached_tokens": 192}}}
+    good = {"top1": 0.97, "mean_abs_dlogprob": 0.03}
     summary = {"engines": {"int2": eng, "bf16": {"A": {"shared_b": {"cached_tokens": 400}}}},
                "bf16_vs_hf_bf16": {"top1": 0.99, "mean_abs_dlogprob": 0.01},
-               "int2_vs_hf_oscar": {"top1": 0.97, "mean_abs_dlogprob": 0.03}}
+               "int2_vs_hf_oscar": {**good, "per_prompt": {"shared_b": good}},
+               "expected_int2_hit": 192}
     assert dc.verdict(summary, args) == []
-    summary["int2_vs_hf_oscar"] = {"top1": 0.9, "mean_abs_dlogprob": 0.2}
-    assert len(dc.verdict(summary, args)) == 2
+    eng["A"]["shared_b"]["cached_tokens"] = 0
+    assert [f for f in dc.verdict(summary, args) if "radix hit" in f]
+    eng["A"]["shared_b"]["cached_tokens"] = 192
+    bad = {"top1": 0.9, "mean_abs_dlogprob": 0.2}
+    summary["int2_vs_hf_oscar"] = {**bad, "per_prompt": {"shared_b": bad}}
+    assert len(dc.verdict(summary, args)) == 3
 
 
 @pytest.mark.model
@@ -83,7 +100,7 @@ def test_hf_reference_teacher_forcing_on_cpu(dc, tiny_lm_dir, tmp_path):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         greedy = model.generate(ids, max_new_tokens=5, do_sample=False)[0, 30:].tolist()
-    run = {"prompt": prompt, "tokens": greedy}
+    run = {"prompt": prompt, "tokens": greedy, "cached": 12}  # a hit: chunks [0,12), [12,28)..
     out = dc.hf_reference({"model": str(tiny_lm_dir), "rotations": str(tmp_path), "chunk": 16,
                            "device": "cpu", "runs": {"bf16": {"p": run}, "oscar": {"p": run}}})
     assert out["bf16"]["p"]["top1"] == greedy
