@@ -48,7 +48,7 @@ from oscar_kv.kernels import (
 from oscar_kv.kernels.ref import gather_int2_rows
 from oscar_kv.registry import Registry
 from oscar_kv.sglang_plugin.numerics import PoolNumerics, rotate, rotate_keys, unrotate
-from oscar_kv.sglang_plugin.storage import HP_DTYPE, MixedKVStorage, RowSplit
+from oscar_kv.sglang_plugin.storage import HP_DTYPE, DecodeTargets, MixedKVStorage, RowSplit
 
 
 @dataclass(frozen=True)
@@ -228,12 +228,14 @@ class DecodeMeta:
 
 
 def decode_layer(storage: MixedKVStorage, numerics: PoolNumerics, i: int, q: torch.Tensor,
-                 k: torch.Tensor | None, v: torch.Tensor | None, loc: torch.Tensor,
+                 k: torch.Tensor | None, v: torch.Tensor | None,
+                 loc: torch.Tensor | DecodeTargets,
                  meta: DecodeMeta, sm_scale: float, absorbed: bool,
                  kernel_backend: str = "auto") -> torch.Tensor:
     """One layer of a decode step: q [B, Hq, D]; k, v [B, Hkv, D] (None: nothing to write);
-    loc [B] flat ids -> [B, Hq, D] in the plan's dtype, a fresh tensor (the plan's output
-    buffer is reused by the next layer). Static shapes, no host sync: CUDA-graph safe."""
+    loc [B] flat ids (or their `storage.decode_targets`, computed once per step) -> [B, Hq, D]
+    in the plan's dtype, a fresh tensor (the plan's output buffer is reused by the next
+    layer). Static shapes, no host sync: CUDA-graph safe."""
     if k is not None:
         k_rot, v_rot = _rotate_kv(numerics, i, k, v, absorbed)
         storage.write_decode(i, loc, k_rot, v_rot, numerics.clip_k[i], numerics.clip_v[i])

@@ -162,6 +162,7 @@ def int2_backend_class() -> type:
             self.graph_plans: dict[int, DecodePlan] = {}
             self.eager_plans: dict[int, DecodePlan] = {}
             self._checked: set[int] = set()
+            self._targets: tuple | None = None  # (out_cache_loc, DecodeTargets) of this step
 
         # ---- metadata ----------------------------------------------------------------
         def _plan(self, bs: int) -> DecodePlan:
@@ -269,10 +270,14 @@ def int2_backend_class() -> type:
                 raise OscarError("int2 decode ran without decode metadata")
             hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
             write = save_kv_cache and k is not None
+            loc = forward_batch.out_cache_loc
+            if i == 0 or self._targets is None or self._targets[0] is not loc:
+                # once per step (inside a captured graph: kernels of layer 0 the others read)
+                self._targets = (loc, self.storage.decode_targets(loc))
             o = decode_layer(self.storage, self.numerics, i, q.reshape(-1, hq, d),
                              k.reshape(-1, hkv, d) if write else None,
                              v.reshape(-1, hkv, d) if write else None,
-                             forward_batch.out_cache_loc, meta, layer.scaling,
+                             self._targets[1], meta, layer.scaling,
                              getattr(layer, ABSORBED_ATTR, False), self.kernel_backend)
             return o.reshape(-1, hq * d)
 

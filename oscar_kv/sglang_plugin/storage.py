@@ -23,7 +23,7 @@ import torch
 
 from oscar_kv.config import QuantSpec, WindowSpec
 from oscar_kv.errors import OscarError
-from oscar_kv.kernels import Int2Store, KVTables, tables_from_token_slots, write_bf16, write_int2
+from oscar_kv.kernels import Int2Store, KVTables, tables_from_token_slots, write_int2
 from oscar_kv.sglang_plugin.pool_index import DUMMY_INT2, PoolLayout
 
 HP_DTYPE = torch.bfloat16
@@ -40,6 +40,15 @@ class RowSplit:
     int2_slots: torch.Tensor
     bf16_idx: torch.Tensor
     bf16_rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodeTargets:
+    """A decode step's write targets, shared by every layer: bf16_rows [B] int64 store rows;
+    int2_slots [B] int64 or None (only with recent_tokens == 0)."""
+
+    bf16_rows: torch.Tensor
+    int2_slots: torch.Tensor | None
 
 
 class MixedKVStorage:
@@ -97,10 +106,10 @@ class MixedKVStorage:
                            split.int2_slots, st.packed, st.scale, st.zero,
                            backend=self.kernel_backend)
         if split.bf16_idx.numel():
-            write_bf16(k.index_select(0, split.bf16_idx), None, split.bf16_rows,
-                       self.k_bf16[layer])
-            write_bf16(v.index_select(0, split.bf16_idx), None, split.bf16_rows,
-                       self.v_bf16[layer])
+            # bf16 rows straight into the bf16 arena (what write_bf16 stores, without its fp32
+            # round trip, which is exact for bf16 input)
+            self.k_bf16[layer].index_copy_(0, split.bf16_rows, k.index_select(0, split.bf16_idx))
+            self.v_bf16[layer].index_copy_(0, split.bf16_rows, v.index_select(0, split.bf16_idx))
 
     def split_by_value(self, slots: torch.Tensor) -> RowSplit:
         """RowSplit of flat ids by value (nonzero: one host sync; generic callers only)."""
@@ -109,24 +118,30 @@ class MixedKVStorage:
         i2, ib = (~is_bf16).nonzero().flatten(), is_bf16.nonzero().flatten()
         return RowSplit(i2, slots[i2], ib, slots[ib] - self.layout.hp_offset)
 
-    def write_decode(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     clip_k: float, clip_v: float) -> None:
-        """One decode token per row, static shapes (CUDA-graph safe), no host sync.
-
-        loc [B] flat ids: BF16 ids go to their row; any other id (a padded graph row points at
-        INT2 slot 0) goes to the dummy BF16 row. With recent_tokens == 0 a decoded token can
-        land directly in the body, so INT2 ids are also written (BF16 rows -> dummy slot 0)."""
+    def decode_targets(self, loc: torch.Tensor) -> DecodeTargets:
+        """Where a decode step's rows go, for every layer: loc [B] flat ids -> BF16 store rows
+        (BF16 ids to their row; any other id, e.g. a padded CUDA-graph row at INT2 slot 0, to
+        the dummy row) and, with recent_tokens == 0 (a decoded token can land in the body),
+        INT2 slots (BF16 ids to the dummy slot 0). Static shapes, no host sync."""
         lay = self.layout
         loc = loc.to(torch.long)
         is_bf16 = loc >= lay.hp_offset
         rows = torch.where(is_bf16, loc - lay.hp_offset, lay.bf16_rows - 1)
+        slots = torch.where(is_bf16, torch.zeros_like(loc) + DUMMY_INT2, loc) \
+            if self.window.recent_tokens == 0 else None
+        return DecodeTargets(rows, slots)
+
+    def write_decode(self, layer: int, loc: torch.Tensor | DecodeTargets, k: torch.Tensor,
+                     v: torch.Tensor, clip_k: float, clip_v: float) -> None:
+        """One decode token per row, static shapes (CUDA-graph safe), no host sync. loc: the
+        step's flat ids [B] or their `decode_targets` (computed once for all layers)."""
+        t = loc if isinstance(loc, DecodeTargets) else self.decode_targets(loc)
         k, v = k.to(HP_DTYPE), v.to(HP_DTYPE)
-        write_bf16(k, None, rows, self.k_bf16[layer])
-        write_bf16(v, None, rows, self.v_bf16[layer])
-        if self.window.recent_tokens == 0:
-            slots = torch.where(is_bf16, torch.zeros_like(loc) + DUMMY_INT2, loc)
+        self.k_bf16[layer].index_copy_(0, t.bf16_rows, k)  # == write_bf16 for bf16 rows
+        self.v_bf16[layer].index_copy_(0, t.bf16_rows, v)
+        if t.int2_slots is not None:
             for x, st, clip in ((k, self.k_int2[layer], clip_k), (v, self.v_int2[layer], clip_v)):
-                write_int2(x, None, clip, self.spec, slots, st.packed, st.scale, st.zero,
+                write_int2(x, None, clip, self.spec, t.int2_slots, st.packed, st.scale, st.zero,
                            backend=self.kernel_backend)
 
     def flush(self, src: torch.Tensor, dst: torch.Tensor, clip_k: list[float],
