@@ -5,8 +5,9 @@ config.json written here, no tokenizer: `skip_tokenizer_init` and input ids) is 
 `sglang.Engine`s in turn at the same `--mem-fraction-static`: BF16 (stock triton backend) and
 int2 (this plugin; Hadamard rotations written here, clips 0.96/0.92, R_V absorbed). Per engine:
 
-  capacity  max_total_num_tokens -> max concurrent requests of context + decode tokens (int2
-            also bounded by --max-running-requests: each slot's BF16 windows are budgeted)
+  capacity  max_total_num_tokens -> max concurrent requests of context + decode (+ --slack)
+            tokens (int2 also bounded by --max-running-requests: each slot's BF16 windows are
+            budgeted)
   prefill   B distinct random prompts of --context tokens, max_new_tokens 1 -> prefill tok/s;
             the radix cache keeps the prompts
   decode    the same B prompts again with max_new_tokens 1 + S1, then 1 + S2: each request
@@ -60,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--context", type=int, default=32768, help="prompt tokens per request")
     ap.add_argument("--s1", type=int, default=8, help="decode tokens of the first timed run")
     ap.add_argument("--s2", type=int, default=72, help="decode tokens of the second timed run")
+    ap.add_argument("--slack", type=int, default=128,
+                    help="tokens per request kept free for SGLang's admission reserves")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--max-running-requests", type=int, default=64)
     ap.add_argument("--max-batch-bf16", type=int, default=64)
@@ -256,7 +259,7 @@ def run_engine(kind: str, model: Path, env: dict, args, cfg: dict) -> dict:
         info = engine.get_server_info()
         total = int(info["max_total_num_tokens"])
         slots = int(info.get("max_running_requests") or args.max_running_requests)
-        per_req = args.context + args.s2 + 1
+        per_req = args.context + args.s2 + 1 + args.slack
         conc = max_concurrent(total, per_req, slots if kind == "int2" else None)
         batch = min(conc, getattr(args, f"max_batch_{kind}"))
         res |= {"kv_cache_dtype": info.get("kv_cache_dtype"),
