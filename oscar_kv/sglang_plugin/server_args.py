@@ -86,6 +86,21 @@ def prepare_capture_args(sa) -> None:
         sa.disable_prefill_cuda_graph = True
 
 
+# The original's launch line (`--prefill-attention-backend fa3 --decode-attention-backend triton`
+# with int2) named its patched stock backends; here the int2 path is one backend of our own.
+ORIGINAL_SPELLING = {("fa3", "triton"), ("triton", "triton")}
+
+
+def _adopt_original_spelling(sa) -> None:
+    """Accept the original project's backend flags as written and serve them with ours."""
+    pair = (getattr(sa, "prefill_attention_backend", None),
+            getattr(sa, "decode_attention_backend", None))
+    if getattr(sa, "attention_backend", None) is None and pair in ORIGINAL_SPELLING:
+        log.info("oscar-kv int2: --prefill-attention-backend %s --decode-attention-backend %s "
+                 "(the original's spelling) -> %s", pair[0], pair[1], BACKEND_NAME)
+        sa.prefill_attention_backend = sa.decode_attention_backend = None
+
+
 def prepare_int2_args(sa, capture: bool = False) -> None:
     """Before ServerArgs resolution: reject unsupported flags and fill int2 defaults."""
     if capture:
@@ -95,6 +110,7 @@ def prepare_int2_args(sa, capture: bool = False) -> None:
             raise OscarError(f"{GROUP_SIZE_FLAG} only applies to --kv-cache-dtype int2; "
                              "remove it or add --kv-cache-dtype int2")
         return
+    _adopt_original_spelling(sa)
     _reject_unsupported(sa)
     if getattr(sa, "attention_backend", None) is None:
         sa.attention_backend = BACKEND_NAME

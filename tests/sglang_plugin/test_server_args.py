@@ -57,6 +57,16 @@ def test_other_dtypes_untouched():
     assert S.finalize_int2_args(sa) is None
 
 
+@pytest.mark.parametrize("prefill", ["fa3", "triton"])
+def test_the_original_launch_line_is_accepted(prefill):
+    """The seed README's `--prefill-attention-backend fa3 --decode-attention-backend triton`
+    with int2 works as written and runs our backend."""
+    sa = args(prefill_attention_backend=prefill, decode_attention_backend="triton")
+    S.prepare_int2_args(sa)
+    assert sa.attention_backend == sa.prefill_attention_backend == S.BACKEND_NAME
+    assert sa.decode_attention_backend == S.BACKEND_NAME
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(speculative_algorithm="EAGLE"), "speculative"),
     (dict(disaggregation_mode="decode"), "disaggregation"),
