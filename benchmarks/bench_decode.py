@@ -41,6 +41,7 @@ from oscar_kv.kernels import (  # noqa: E402
     tables_from_token_slots,
 )
 from oscar_kv.kernels.decode import MAXNREG, PROGRAMS_PER_SM  # noqa: E402
+from oscar_kv.server_process import scoped_environ  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -207,30 +208,25 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
     b, hq, d = q.shape
     device = q.device.type
     rows = []
-    before = os.environ.get("OSCAR_KV_INT2_UNPACK")  # the user's choice, restored after each
     for bn, nw, pps, mr, pf, ns, unpack in SWEEP:
         row = {"block_n": bn, "num_warps": nw, "programs_per_sm": pps, "maxnreg": mr,
                "prefetch": pf, "num_stages": ns, "unpack": unpack}
-        os.environ["OSCAR_KV_INT2_UNPACK"] = unpack
-        try:
-            plan = plan_decode(b, hq, k_bf16.shape[1], d, max_body_len=mixed.int2_slots.shape[1],
-                               max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
-                               out_dtype=torch.bfloat16, block_n=bn,
-                               hp_block_n=args.hp_block_n, num_warps=nw,
-                               num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
-            fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
-                                                    plan=plan, backend="triton")
-            err = rel_err(fn(), want)
-            ms = bench(fn, device, args.graph, 1)
-            row |= {"int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits, "ms": ms,
-                    "rel_err": err, "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms}
-        except Exception as e:  # noqa: BLE001 - report and keep sweeping
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        finally:
-            if before is None:
-                os.environ.pop("OSCAR_KV_INT2_UNPACK", None)
-            else:
-                os.environ["OSCAR_KV_INT2_UNPACK"] = before
+        with scoped_environ({"OSCAR_KV_INT2_UNPACK": unpack}):
+            try:
+                plan = plan_decode(b, hq, k_bf16.shape[1], d,
+                                   max_body_len=mixed.int2_slots.shape[1],
+                                   max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
+                                   out_dtype=torch.bfloat16, block_n=bn,
+                                   hp_block_n=args.hp_block_n, num_warps=nw,
+                                   num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
+                fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
+                                                        plan=plan, backend="triton")
+                err = rel_err(fn(), want)
+                ms = bench(fn, device, args.graph, 1)
+                row |= {"int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits, "ms": ms,
+                        "rel_err": err, "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms}
+            except Exception as e:  # noqa: BLE001 - report and keep sweeping
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
     ok = [r for r in rows if "ms" in r and r["rel_err"] < 1e-2]
     best = min(ok, key=lambda r: r["ms"]) if ok else None

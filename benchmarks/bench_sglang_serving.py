@@ -248,10 +248,16 @@ def timed_generate(engine, prompts: list[list[int]], new: int) -> tuple[float, l
 
 
 def run_engine(kind: str, model: Path, env: dict, args, cfg: dict) -> dict:
+    """One engine's measurements with its flags in the environment (restored afterwards)."""
+    from oscar_kv.server_process import scoped_environ
+
+    with scoped_environ(env):
+        return _run_engine(kind, model, args, cfg)
+
+
+def _run_engine(kind: str, model: Path, args, cfg: dict) -> dict:
     import sglang
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     t0 = time.perf_counter()
     engine = sglang.Engine(**engine_kwargs(kind, model, args))
     res: dict = {"startup_s": round(time.perf_counter() - t0, 1)}
@@ -290,11 +296,6 @@ def run_engine(kind: str, model: Path, env: dict, args, cfg: dict) -> dict:
         return res
     finally:
         engine.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""A server subprocess's lifecycle, shared by the evaluation launcher (`evals.bench.serve`) and
+"""A server's lifecycle and environment, shared by the evaluation launcher (`evals.bench.serve`) and
 the in-server calibration (`capture.server_capture`): start it in its own process group with
 its output in a log, wait for a condition while watching that it is alive, stop it always."""
 
@@ -13,6 +13,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from oscar_kv.errors import OscarError
+
+
+@contextlib.contextmanager
+def scoped_environ(updates: dict[str, str]) -> Iterator[None]:
+    """os.environ with `updates` for the with-block, then exactly as before (also on error):
+    for in-process engines that read flags from the environment."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

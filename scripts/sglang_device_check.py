@@ -205,11 +205,16 @@ def bench(engine, toks: list[int], args) -> dict:
 
 
 def run_engine(kind: str, prompts: dict, toks: list[int], args) -> dict:
+    """One engine's outputs with its flags in the environment (restored afterwards)."""
+    from oscar_kv.server_process import scoped_environ
+
+    with scoped_environ(int2_env(args) if kind == "int2" else {}):
+        return _run_engine(kind, prompts, toks, args)
+
+
+def _run_engine(kind: str, prompts: dict, toks: list[int], args) -> dict:
     import sglang
 
-    env = int2_env(args) if kind == "int2" else {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     t0 = time.perf_counter()
     engine = sglang.Engine(**engine_kwargs(args, kind))
     try:
@@ -226,11 +231,6 @@ def run_engine(kind: str, prompts: dict, toks: list[int], args) -> dict:
         return out
     finally:
         engine.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---- HF reference (subprocess) -------------------------------------------------------------

@@ -33,6 +33,23 @@ def reference_model_dir() -> Path | None:
     return None
 
 
+def _load_script(relpath: str):
+    """A repo script (benchmarks/..., scripts/...) imported as a module, not run."""
+    import importlib.util
+
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location("_script_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load_script("benchmarks/bench_decode.py") -> the module (for smoke and helper tests)."""
+    return _load_script
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir() -> Path:
     d = reference_model_dir()

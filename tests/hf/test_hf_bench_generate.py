@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_generate.py"
 
 
-def test_bench_generate_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("_bench_generate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_generate_smoke(tmp_path, capsys, load_script):
+    mod = load_script("benchmarks/bench_generate.py")
     results = mod.main(["--smoke", "--out", str(tmp_path)])
     files = list(tmp_path.glob("bench_generate-smoke-*.json"))
     assert len(files) == 1 and len(results) == 2

@@ -5,20 +5,13 @@ the summary, engine keywords that are real ServerArgs fields)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sglang_serving.py"
-
 
 @pytest.fixture(scope="module")
-def bs():
-    spec = importlib.util.spec_from_file_location("bench_sglang_serving", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bs(load_script):
+    return load_script("benchmarks/bench_sglang_serving.py")
 
 
 def test_args(bs):

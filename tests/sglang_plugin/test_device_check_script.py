@@ -3,7 +3,6 @@ plan, HF teacher-forced reference on CPU, agreement metrics and the verdict)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from importlib.metadata import entry_points
@@ -14,15 +13,10 @@ import torch
 
 from oscar_kv.fit.checkpoint import build_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sglang_device_check.py"
-
 
 @pytest.fixture(scope="module")
-def dc():
-    spec = importlib.util.spec_from_file_location("sglang_device_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def dc(load_script):
+    return load_script("scripts/sglang_device_check.py")
 
 
 def test_entry_point_shim(dc, tmp_path, monkeypatch):
