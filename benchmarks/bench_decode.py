@@ -41,7 +41,6 @@ from oscar_kv.kernels import (  # noqa: E402
     tables_from_token_slots,
 )
 from oscar_kv.kernels.decode import MAXNREG, PROGRAMS_PER_SM  # noqa: E402
-from oscar_kv.server_process import scoped_environ  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -130,7 +129,7 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
                        out_dtype=torch.bfloat16, block_n=args.block_n,
                        hp_block_n=args.hp_block_n, num_warps=args.num_warps,
                        num_stages=args.num_stages, programs_per_sm=args.programs_per_sm,
-                       maxnreg=args.maxnreg, prefetch=args.prefetch)
+                       maxnreg=args.maxnreg, prefetch=args.prefetch, kv_group=args.kv_group)
     plan_bf16 = plan_decode(batch, hq, hkv, d, max_body_len=0, max_hp_len=ctx, device=device,
                             out_dtype=torch.bfloat16, hp_block_n=args.hp_block_n,
                             num_warps=args.num_warps)
@@ -193,13 +192,12 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     return res
 
 
-# (BLOCK_N, num_warps, programs per SM, maxnreg, hand prefetch, num_stages, unpack)
-SWEEP = [(128, 4, 4, None, False, 2, "asm"), (128, 4, 4, None, False, 3, "asm"),
-         (128, 4, 8, None, False, 2, "asm"), (128, 4, 2, None, False, 2, "asm"),
-         (128, 8, 4, None, False, 2, "asm"), (256, 8, 4, None, False, 2, "asm"),
-         (256, 4, 4, None, False, 2, "asm"), (64, 4, 4, None, False, 3, "asm"),
-         (128, 4, 4, 128, True, 1, "asm"), (128, 4, 3, None, True, 1, "asm"),
-         (128, 4, 4, None, False, 2, "triton")]
+# (BLOCK_N, num_warps, programs per SM, KV heads per program, hand prefetch, num_stages);
+# programs per SM = the occupancy of the sm_90 build (scripts/sass_stats.py: registers, smem)
+SWEEP = [(128, 4, 3, 1, False, 2), (128, 4, 4, 1, False, 2), (64, 4, 2, 4, False, 2),
+         (64, 4, 2, 4, False, 3), (32, 4, 3, 4, False, 2), (32, 4, 3, 4, False, 3),
+         (32, 4, 4, 4, False, 3), (64, 8, 1, 4, False, 2), (128, 8, 1, 4, False, 2),
+         (64, 4, 3, 2, False, 2), (128, 4, 2, 2, False, 2), (64, 4, 2, 4, True, 1)]
 
 
 def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms) -> dict:
@@ -208,33 +206,36 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
     b, hq, d = q.shape
     device = q.device.type
     rows = []
-    for bn, nw, pps, mr, pf, ns, unpack in SWEEP:
-        row = {"block_n": bn, "num_warps": nw, "programs_per_sm": pps, "maxnreg": mr,
-               "prefetch": pf, "num_stages": ns, "unpack": unpack}
-        with scoped_environ({"OSCAR_KV_INT2_UNPACK": unpack}):
-            try:
-                plan = plan_decode(b, hq, k_bf16.shape[1], d,
-                                   max_body_len=mixed.int2_slots.shape[1],
-                                   max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
-                                   out_dtype=torch.bfloat16, block_n=bn,
-                                   hp_block_n=args.hp_block_n, num_warps=nw,
-                                   num_stages=ns, programs_per_sm=pps, maxnreg=mr, prefetch=pf)
-                fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
-                                                        plan=plan, backend="triton")
-                err = rel_err(fn(), want)
-                ms = bench(fn, device, args.graph, 1)
-                row |= {"int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits, "ms": ms,
-                        "rel_err": err, "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms}
-            except Exception as e:  # noqa: BLE001 - report and keep sweeping
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
+    for bn, nw, pps, kvg, pf, ns in SWEEP:
+        row = {"block_n": bn, "num_warps": nw, "programs_per_sm": pps, "kv_group": kvg,
+               "prefetch": pf, "num_stages": ns}
+        try:
+            plan = plan_decode(b, hq, k_bf16.shape[1], d,
+                               max_body_len=mixed.int2_slots.shape[1],
+                               max_hp_len=mixed.bf16_slots.shape[1], device=q.device,
+                               out_dtype=torch.bfloat16, block_n=bn,
+                               hp_block_n=args.hp_block_n, num_warps=nw,
+                               num_stages=ns, programs_per_sm=pps, prefetch=pf,
+                               kv_group=kvg)
+            fn = lambda plan=plan: decode_attention(q, k_int2, v_int2, k_bf16, v_bf16, mixed,
+                                                    plan=plan, backend="triton")
+            err = rel_err(fn(), want)
+            ms = bench(fn, device, args.graph, 1)
+            row |= {"int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits, "ms": ms,
+                    "rel_err": err, "gb_s": nbytes / (ms * 1e-3) / 1e9, "x_bf16T": bf16_ms / ms}
+            print(f"      BLOCK_N={bn} warps={nw} pps={pps} kv_group={kvg} prefetch={pf} "
+                  f"stages={ns} splits={plan.int2_splits}+{plan.hp_splits}: {ms:.4f} ms "
+                  f"{row['gb_s']:.0f} GB/s rel_err {err:.2g}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and keep sweeping
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
     ok = [r for r in rows if "ms" in r and r["rel_err"] < 1e-2]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     if best:
         print(f"    sweep best: BLOCK_N={best['block_n']} warps={best['num_warps']} "
-              f"pps={best['programs_per_sm']} maxnreg={best['maxnreg']} "
+              f"pps={best['programs_per_sm']} kv_group={best['kv_group']} "
               f"prefetch={best['prefetch']} stages={best['num_stages']} "
-              f"splits={best['int2_splits']}+{best['hp_splits']} unpack={best['unpack']} "
+              f"splits={best['int2_splits']}+{best['hp_splits']} "
               f"{best['ms']:.4f} ms {best['gb_s']:.0f} GB/s x{best['x_bf16T']:.2f} vs bf16T",
               flush=True)
     for r in rows:
@@ -263,6 +264,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--programs-per-sm", type=int, default=PROGRAMS_PER_SM)
     ap.add_argument("--maxnreg", type=int, default=MAXNREG,
                     help="stage-1 register cap; 0 = the compiler's choice")
+    ap.add_argument("--kv-group", type=int, default=None,
+                    help="KV heads per INT2 program (default: plan_decode's choice)")
     ap.add_argument("--prefetch", action="store_true",
                     help="the hand-pipelined INT2 loop instead of Triton's pipeliner")
     ap.add_argument("--sweep", action="store_true",

@@ -53,6 +53,7 @@ class DecodePlan:
     num_stages: int
     maxnreg: int | None
     prefetch: bool
+    kv_group: int  # KV heads per INT2 program (block-diagonal q; 1 = one head per program)
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
     out: torch.Tensor
@@ -71,11 +72,38 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _splits(work_tokens: int, base_programs: int, target: int, min_tokens: int) -> int:
+    """Splits per (sequence, head group): as many as the length allows (>= min_tokens each)
+    up to the count whose programs fill whole waves of `target` resident programs best. A
+    partial last wave leaves SMs idle for a whole program's duration (ncu on the H200: 768
+    programs at 3 per SM ran as 1.94 waves), so 6 splits of 64 programs (one wave of 396)
+    beat 7 (1.13 waves)."""
     if work_tokens <= 0:
         return 0
-    by_occupancy = -(-target // max(base_programs, 1))
-    by_length = -(-work_tokens // min_tokens)
-    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+    base = max(base_programs, 1)
+    limit = max(1, min(-(-work_tokens // min_tokens), MAX_SPLITS))
+
+    def fill(s: int) -> float:  # fraction of the launched waves' slots doing work
+        n = base * s
+        return n / (-(-n // target) * target)
+
+    cap = max(1, min(limit, -(-2 * target // base)))  # splits for up to two waves
+    # the fewest splits within 5 % of the best fill among 1 .. two waves' worth
+    best = max(fill(s) for s in range(1, cap + 1))
+    return next(s for s in range(1, cap + 1) if fill(s) >= 0.95 * best)
+
+
+def default_kv_group(num_q_heads: int, num_kv_heads: int, head_dim: int = 128,
+                     block_h: int = 16) -> int:
+    """KV heads per INT2 program: the largest power of two k dividing num_kv_heads with
+    k * GQA <= block_h query rows and k * head_dim / 4 <= 128 code columns (registers: four
+    [block_h, k * head_dim / 4] fp32 accumulators). D 128: GQA 4 -> 4, GQA 8 -> 2, GQA >= 9
+    -> 1, MHA -> 4."""
+    g = num_q_heads // num_kv_heads
+    k = 1
+    while (2 * k * g <= block_h and num_kv_heads % (2 * k) == 0
+           and 2 * k * head_dim <= 4 * 128):
+        k *= 2
+    return k
 
 
 def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -84,14 +112,17 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                 hp_splits: int | None = None, block_n: int = 128, hp_block_n: int = 64,
                 num_warps: int = 4, num_stages: int = 2, num_sms: int | None = None,
                 programs_per_sm: int = PROGRAMS_PER_SM,
-                maxnreg: int | None = MAXNREG, prefetch: bool = False) -> DecodePlan:
+                maxnreg: int | None = MAXNREG, prefetch: bool = False,
+                kv_group: int | None = None) -> DecodePlan:
     """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
     ~programs_per_sm resident programs per SM (the INT2 stage is latency bound: it needs many
     tiles in flight), each taking at least two tiles; allocate the scratch.
     max_body_len / max_hp_len: the slot tables' widths (upper bounds). maxnreg caps the
     stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
     compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
-    double buffer (True) or a plain loop left to Triton's pipeliner (num_stages)."""
+    double buffer (True) or a plain loop left to Triton's pipeliner (num_stages). kv_group:
+    KV heads per INT2 program (None: `default_kv_group`; stores with several (scale, zero)
+    groups per row always run one head per program)."""
     for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
         if n < 16 or n & (n - 1):
             raise OscarError(f"{name} must be a power of two >= 16 (a tl.dot tile), got {n}")
@@ -99,19 +130,25 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
     device = torch.device(device)
+    g = num_q_heads // num_kv_heads
+    block_h = max(16, triton_next_pow2(g))
+    if kv_group is None:
+        kv_group = default_kv_group(num_q_heads, num_kv_heads, head_dim, block_h)
+    if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
+        raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
+                         f"fit kv_group * GQA ({g}) query rows in {block_h}")
     target = programs_per_sm * (num_sms or _num_sms(device))
-    base = batch_size * num_kv_heads
+    base = batch_size * (num_kv_heads // kv_group)
     if int2_splits is None:
         int2_splits = _splits(max_body_len, base, target, 2 * block_n)
     if hp_splits is None:
         hp_splits = _splits(max_hp_len, base, target, 2 * hp_block_n)
-    g = num_q_heads // num_kv_heads
     total = max(int2_splits + hp_splits, 1)
     f32 = dict(device=device, dtype=torch.float32)
     shape = (batch_size, num_q_heads, head_dim)
     return DecodePlan(
         batch_size, num_q_heads, num_kv_heads, head_dim, int2_splits, hp_splits, block_n,
-        hp_block_n, max(16, triton_next_pow2(g)), num_warps, num_stages, maxnreg, prefetch,
+        hp_block_n, block_h, num_warps, num_stages, maxnreg, prefetch, kv_group,
         torch.empty(batch_size, num_q_heads, total, head_dim, **f32),
         torch.full((batch_size, num_q_heads, total), float("-inf"), **f32),
         torch.empty(shape, device=device, dtype=out_dtype),
@@ -243,7 +280,8 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
             mo_k, ml_k = mo[:, :, lo:], ml[:, :, lo:]
         else:
             mo_k, ml_k = mo, ml
-        _decode_stage1_kernel[(b, hkv, hi - lo)](
+        kvg = plan.kv_group if k_int2.spec.group_size >= d else 1
+        _decode_stage1_kernel[(b, hkv // kvg, hi - lo)](
             q, kp.packed, kp.scale, kp.zero, vp.packed, vp.scale, vp.zero,
             tables.int2_slots, tables.body_len, k_bf16, v_bf16, tables.bf16_slots,
             tables.hp_len, mo_k, ml_k, qk_scale, s1 if has_int2 else 0, s2,
@@ -253,7 +291,8 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
             tables.int2_slots.stride(0),
             k_bf16.stride(0), k_bf16.stride(1), v_bf16.stride(0), v_bf16.stride(1),
             tables.bf16_slots.stride(0), *mid_strides,
-            GQA=g, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n, HP_BLOCK_N=plan.hp_block_n, D=d,
+            GQA=g, KVG=kvg, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
+            HP_BLOCK_N=plan.hp_block_n, D=d,
             GROUP=k_int2.spec.group_size,
             IDX64=_needs_int64(kp.packed, kp.scale, vp.packed, vp.scale),
             HAS_INT2=has_int2, HAS_HP=has_hp, PREFETCH=plan.prefetch, num_warps=plan.num_warps,

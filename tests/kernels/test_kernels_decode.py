@@ -13,6 +13,7 @@ from kernel_cases import make_decode_case, max_err, reference_outputs
 from oscar_kv.config import QuantSpec, WindowSpec
 from oscar_kv.errors import OscarError
 from oscar_kv.kernels import decode_attention, plan_decode
+from oscar_kv.kernels.decode import default_kv_group
 
 WIN = WindowSpec(sink_tokens=16, recent_tokens=32, flush_block=8)
 P, R = WIN.sink_tokens, WIN.recent_tokens
@@ -62,6 +63,20 @@ def test_gqa_ratios_and_head_dims(triton_device, gqa, d):
     out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                            case.tables, plan=_plan(case, block_n=32, hp_block_n=32),
                            backend="triton")
+    _check(case, out)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("kv_group", [1, 2, 4])
+def test_kv_groups_block_diagonal(triton_device, kv_group, prefetch):
+    """Several KV heads per program (block-diagonal q): every row must read its own head's
+    codes and metadata; 4 KV heads x GQA 3 leaves padded rows at kv_group 4 (12 of 16)."""
+    case = make_decode_case([P + R + 37, 5, P + R], num_kv_heads=4, gqa=3, head_dim=64,
+                            window=WIN, seed=7 + kv_group, device=triton_device)
+    plan = _plan(case, block_n=32, hp_block_n=32, kv_group=kv_group, prefetch=prefetch)
+    assert plan.kv_group == kv_group
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=plan, backend="triton")
     _check(case, out)
 
 
@@ -152,17 +167,39 @@ def test_plan_rejects_bad_tiles_and_unpack_names(monkeypatch):
 
 
 def test_plan_split_heuristic():
+    # GQA 4, 8 KV heads: 4 heads per program (block-diagonal q), so 2 programs per sequence
     p = plan_decode(1, 32, 8, 128, max_body_len=131072, max_hp_len=327, device="cpu",
                     num_sms=132)
-    # 4 programs per SM over 8 (batch, head) pairs; each split >= 2 tiles
-    assert p.int2_splits == 66 and p.block_h == 16 and 1 <= p.hp_splits <= 3
+    assert p.kv_group == 4 and p.block_h == 16 and 1 <= p.hp_splits <= 3
+    # one partial wave of 528 (4 per SM) at most: the fewest splits within 5 % of the best fill
+    assert p.int2_splits == 122
     p = plan_decode(32, 32, 8, 128, max_body_len=4096, max_hp_len=327, device="cpu",
                     num_sms=132)
-    assert p.int2_splits == 3 and p.hp_splits <= 3
+    assert p.int2_splits == 8  # 512 of 528 slots; 7 would fill 448
+    # each split keeps >= 2 tiles of 128
     p = plan_decode(1, 32, 8, 128, max_body_len=3776, max_hp_len=327, device="cpu",
                     num_sms=132, block_n=128)
     assert p.int2_splits == 15
+    # the ncu case: one head per program, 3 resident per SM -> 6 splits (384 of 396), not 7
+    # (448 programs = 1.13 waves)
+    p = plan_decode(8, 32, 8, 128, max_body_len=32448, max_hp_len=320, device="cpu",
+                    num_sms=132, programs_per_sm=3, kv_group=1)
+    assert p.int2_splits == 6
     assert plan_decode(1, 8, 8, 64, max_body_len=0, max_hp_len=10, device="cpu").int2_splits == 0
+
+
+@pytest.mark.parametrize("hq,hkv,d,want", [
+    (32, 8, 128, 4), (64, 8, 128, 2), (32, 32, 128, 4), (32, 32, 64, 8), (32, 32, 256, 2),
+    (48, 8, 128, 2), (96, 8, 128, 1), (128, 8, 128, 1), (32, 2, 128, 1), (16, 4, 128, 4), (12, 3, 128, 1)])
+def test_default_kv_group(hq, hkv, d, want):
+    assert default_kv_group(hq, hkv, d) == want
+
+
+def test_plan_rejects_bad_kv_group():
+    with pytest.raises(OscarError, match="kv_group"):
+        plan_decode(1, 32, 8, 128, max_body_len=10, max_hp_len=10, device="cpu", kv_group=3)
+    with pytest.raises(OscarError, match="kv_group"):
+        plan_decode(1, 64, 8, 128, max_body_len=10, max_hp_len=10, device="cpu", kv_group=4)
 
 
 @pytest.mark.gpu

@@ -123,20 +123,22 @@ def _softmax_step(qk, m, lsum):
 def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                m, lsum, wz, acc0, acc1, acc2, acc3,
                DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr):
-    """One tile of the code-domain loop: kb [D/4, BLOCK_N] and vb [BLOCK_N, D/4] packed bytes,
-    ks/kz/vs/vz [BLOCK_N] metadata. Returns the updated (m, lsum, wz, acc0..acc3)."""
+    """One tile of the code-domain loop: kb [C, BLOCK_N] and vb [BLOCK_N, C] packed bytes
+    (C = KVG * D/4 columns: KVG heads' quarter vectors side by side), ks/kz/vs/vz metadata
+    broadcastable to [BLOCK_H, BLOCK_N] (each row sees its own KV head's). Returns the updated
+    (m, lsum, wz, acc0..acc3)."""
     kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC)
     raw = tl.dot(q0, kc0)
     raw = tl.dot(q1, kc1, raw)
     raw = tl.dot(q2, kc2, raw)
     raw = tl.dot(q3, kc3, raw)
     ksf = ks.to(tl.float32) * qk_scale
-    qk = (raw - qsum[:, None] * kz.to(tl.float32)[None, :]) * ksf[None, :]
+    qk = (raw - qsum[:, None] * kz.to(tl.float32)) * ksf
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     p, alpha, m, lsum = _softmax_step(qk, m, lsum)
-    w = _operand(p * vs.to(tl.float32)[None, :], DOT, EMU)
+    w = _operand(p * vs.to(tl.float32), DOT, EMU)
     # sum of the operand w (as rounded for the dot), so the zero term matches the dots
-    wz = wz * alpha + tl.sum(w.to(tl.float32) * vz.to(tl.float32)[None, :], axis=1)
+    wz = wz * alpha + tl.sum(w.to(tl.float32) * vz.to(tl.float32), axis=1)
     vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC)
     acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
     acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
@@ -147,17 +149,28 @@ def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
 
 @triton.jit
 def _load_int2_tile(kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n,
-                    offs_q, stride_kpn, stride_ksn, stride_vpn, stride_vsn):
-    """Gather one tile: K codes transposed [D/4, BLOCK_N], V codes [BLOCK_N, D/4], and the
-    four [BLOCK_N] metadata vectors."""
-    kb = tl.load(kp_head + slot[None, :] * stride_kpn + offs_q[:, None], mask=mask_n[None, :],
+                    col_off_k, col_off_v, meta_k, meta_v, mask_h,
+                    stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG: tl.constexpr):
+    """Gather one tile: K codes transposed [C, BLOCK_N], V codes [BLOCK_N, C] (C columns at
+    byte offsets col_off_*), and the four metadata tensors: [1, BLOCK_N] when one KV head
+    (KVG 1), else [BLOCK_H, BLOCK_N] with each row reading its own head (offsets meta_*)."""
+    kb = tl.load(kp_head + slot[None, :] * stride_kpn + col_off_k[:, None], mask=mask_n[None, :],
                  other=0)
-    vb = tl.load(vp_head + slot[:, None] * stride_vpn + offs_q[None, :], mask=mask_n[:, None],
+    vb = tl.load(vp_head + slot[:, None] * stride_vpn + col_off_v[None, :], mask=mask_n[:, None],
                  other=0)
-    ks = tl.load(ks_head + slot * stride_ksn, mask=mask_n, other=0.0)
-    kz = tl.load(kz_head + slot * stride_ksn, mask=mask_n, other=0.0)
-    vs = tl.load(vs_head + slot * stride_vsn, mask=mask_n, other=0.0)
-    vz = tl.load(vz_head + slot * stride_vsn, mask=mask_n, other=0.0)
+    if KVG == 1:
+        ks = tl.load(ks_head + slot * stride_ksn, mask=mask_n, other=0.0)[None, :]
+        kz = tl.load(kz_head + slot * stride_ksn, mask=mask_n, other=0.0)[None, :]
+        vs = tl.load(vs_head + slot * stride_vsn, mask=mask_n, other=0.0)[None, :]
+        vz = tl.load(vz_head + slot * stride_vsn, mask=mask_n, other=0.0)[None, :]
+    else:
+        mk = mask_h[:, None] & mask_n[None, :]
+        ko = slot[None, :] * stride_ksn + meta_k[:, None]
+        vo = slot[None, :] * stride_vsn + meta_v[:, None]
+        ks = tl.load(ks_head + ko, mask=mk, other=0.0)
+        kz = tl.load(kz_head + ko, mask=mk, other=0.0)
+        vs = tl.load(vs_head + vo, mask=mk, other=0.0)
+        vz = tl.load(vz_head + vo, mask=mk, other=0.0)
     return kb, vb, ks, kz, vs, vz
 
 
@@ -173,35 +186,36 @@ def _load_slots(slot_row, n0, offs, end, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
+def _load_q_quarters(q_ptr, b, heads, qmask, col_q, stride_qb, stride_qh,
                      D4: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr):
-    """The g query rows of a KV head (padded rows masked to 0) as four [BLOCK_H, D/4] dot
-    operands, one per quarter of head_dim (the quartered packing's fields)."""
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_q[None, :]
-    q0 = _operand(tl.load(q_row, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q1 = _operand(tl.load(q_row + D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q2 = _operand(tl.load(q_row + 2 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
-    q3 = _operand(tl.load(q_row + 3 * D4, mask=mask_h[:, None], other=0.0), DOT, EMU)
+    """The query rows as four [BLOCK_H, C] dot operands, one per quarter of head_dim (the
+    quartered packing's fields): column c holds dim quarter*D/4 + col_q[c] where qmask (padded
+    rows, and with KVG > 1 the other heads' column blocks: a block-diagonal q) is 1, else 0."""
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + col_q[None, :]
+    q0 = _operand(tl.load(q_row, mask=qmask, other=0.0), DOT, EMU)
+    q1 = _operand(tl.load(q_row + D4, mask=qmask, other=0.0), DOT, EMU)
+    q2 = _operand(tl.load(q_row + 2 * D4, mask=qmask, other=0.0), DOT, EMU)
+    q3 = _operand(tl.load(q_row + 3 * D4, mask=qmask, other=0.0), DOT, EMU)
     return q0, q1, q2, q3
 
 
 @triton.jit
-def _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, wz,
+def _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, omask, col_q, split, m, lsum, wz,
                     acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
                     stride_lh, D4: tl.constexpr):
-    """Write a split's normalised partial output (acc_i - wz) / lsum per quarter and its
-    log2-sum-exp (-inf and zeros for an empty piece)."""
+    """Write a split's normalised partial output (acc_i - wz) / lsum per quarter (the columns
+    where omask is 1: each row's own head block) and its log2-sum-exp (-inf and zeros for an
+    empty piece)."""
     has = lsum > 0.0
     inv = tl.where(has, 1.0 / tl.where(has, lsum, 1.0), 0.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, lsum, 1.0)), float("-inf"))
     o_row = (mid_o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-             + split * stride_os + offs_q[None, :])
-    mask_o = mask_h[:, None]
+             + split * stride_os + col_q[None, :])
     wzc = wz[:, None]
-    tl.store(o_row, (acc0 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=mask_o)
-    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=mask_o)
+    tl.store(o_row, (acc0 - wzc) * inv, mask=omask)
+    tl.store(o_row + D4, (acc1 - wzc) * inv, mask=omask)
+    tl.store(o_row + 2 * D4, (acc2 - wzc) * inv, mask=omask)
+    tl.store(o_row + 3 * D4, (acc3 - wzc) * inv, mask=omask)
     tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
@@ -209,30 +223,42 @@ def _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, 
 def _int2_part(
     q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr, len_ptr,
     mid_o_ptr, mid_lse_ptr,
-    qk_scale, num_splits, b, kvh, split,
+    qk_scale, num_splits, b, kvg, split,
     stride_qb, stride_qh,
     stride_kpn, stride_kph, stride_ksn, stride_ksh,
     stride_vpn, stride_vph, stride_vsn, stride_vsh,
     stride_tb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr, IDX64: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    GQA: tl.constexpr, KVG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
+    IDX64: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (scale, zero) per row (group_size == head_dim), in the code domain:
         logit_t = s_t * (q . c_t - z_t * sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,
     w_t = p_t * s_t, with the codes c_t exact bf16 operands of tensor-core dots (fp32
-    accumulation), so there is no per-element dequantisation. PREFETCH: loads are
-    software-pipelined by hand (slot ids two tiles ahead, codes and metadata one tile ahead,
-    a register double buffer); otherwise a plain loop left to Triton's pipeliner."""
+    accumulation), so there is no per-element dequantisation.
+
+    The program owns KVG consecutive KV heads (group kvg) and their KVG * GQA query rows: the
+    codes of the KVG heads sit side by side in the dot's reduction (K) and output (V) columns
+    and q is block-diagonal, so the BLOCK_H = 16 rows a tensor-core dot needs are all real
+    queries (GQA 4: 4 heads x 4 rows) instead of GQA real and 16 - GQA padding, which divides
+    the softmax work per key by BLOCK_H / GQA. Row r reads KV head kvg * KVG + r // GQA; the
+    output keeps each row's own head block. PREFETCH: loads are software-pipelined by hand
+    (slot ids two tiles ahead, codes and metadata one tile ahead, a register double buffer);
+    otherwise a plain loop left to Triton's pipeliner."""
     D4: tl.constexpr = D // 4
+    C: tl.constexpr = KVG * D4
     start, end = _split_range(len_ptr, b, split, num_splits, BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
-    mask_h = offs_h < GQA
-    heads = kvh * GQA + offs_h
-    offs_q = tl.arange(0, D4)
-    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
+    mask_h = offs_h < GQA * KVG
+    heads = kvg * (KVG * GQA) + offs_h
+    row_head = offs_h // GQA  # KV head of row r within the group
+    offs_c = tl.arange(0, C)
+    col_head = offs_c // D4  # KV head of column c within the group
+    col_q = offs_c % D4
+    diag = mask_h[:, None] & (row_head[:, None] == col_head[None, :])
+    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, diag, col_q, stride_qb, stride_qh,
                                       D4, DOT, EMU)
     # sum of the operand q (as rounded for the dot), so the zero term matches the dots
     qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
@@ -241,16 +267,21 @@ def _int2_part(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
     wz = tl.zeros([BLOCK_H], tl.float32)
-    acc0 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, D4], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, D4], tl.float32)
-    kp_head = kp_ptr + kvh * stride_kph
-    ks_head = ks_ptr + kvh * stride_ksh
-    kz_head = kz_ptr + kvh * stride_ksh
-    vp_head = vp_ptr + kvh * stride_vph
-    vs_head = vs_ptr + kvh * stride_vsh
-    vz_head = vz_ptr + kvh * stride_vsh
+    acc0 = tl.zeros([BLOCK_H, C], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, C], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, C], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, C], tl.float32)
+    h0 = kvg * KVG
+    kp_head = kp_ptr + h0 * stride_kph
+    ks_head = ks_ptr + h0 * stride_ksh
+    kz_head = kz_ptr + h0 * stride_ksh
+    vp_head = vp_ptr + h0 * stride_vph
+    vs_head = vs_ptr + h0 * stride_vsh
+    vz_head = vz_ptr + h0 * stride_vsh
+    col_k = col_head * stride_kph + col_q
+    col_v = col_head * stride_vph + col_q
+    meta_k = row_head * stride_ksh
+    meta_v = row_head * stride_vsh
     slot_row = slots_ptr + b.to(tl.int64) * stride_tb
     offs = tl.arange(0, BLOCK_N)
 
@@ -258,8 +289,9 @@ def _int2_part(
         for n0 in range(start, end, BLOCK_N):
             slot, mask_n = _load_slots(slot_row, n0, offs, end, IDX64)
             kb, vb, ks, kz, vs, vz = _load_int2_tile(
-                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n, offs_q,
-                stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n,
+                col_k, col_v, meta_k, meta_v, mask_h,
+                stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
                 q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                 m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
@@ -267,23 +299,25 @@ def _int2_part(
         slot, mask_n = _load_slots(slot_row, start, offs, end, IDX64)
         slot_n, mask_p = _load_slots(slot_row, start + BLOCK_N, offs, end, IDX64)
         kb, vb, ks, kz, vs, vz = _load_int2_tile(
-            kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n, offs_q,
-            stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+            kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot, mask_n,
+            col_k, col_v, meta_k, meta_v, mask_h,
+            stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
         for n0 in range(start, end, BLOCK_N):
             # issue the next tile's data and the slot ids two tiles ahead before any math
             mask_n = n0 + offs < end
             slot_nn, _ = _load_slots(slot_row, n0 + 2 * BLOCK_N, offs, end, IDX64)
             mask_p = n0 + BLOCK_N + offs < end
             kb_n, vb_n, ks_n, kz_n, vs_n, vz_n = _load_int2_tile(
-                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot_n, mask_p, offs_q,
-                stride_kpn, stride_ksn, stride_vpn, stride_vsn)
+                kp_head, ks_head, kz_head, vp_head, vs_head, vz_head, slot_n, mask_p,
+                col_k, col_v, meta_k, meta_v, mask_h,
+                stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
                 q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                 m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
             kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
             slot_n = slot_nn
 
-    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, wz,
+    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, diag, col_q, split, m, lsum, wz,
                     acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
                     stride_lh, D4)
 
@@ -311,8 +345,8 @@ def _int2_group_part(
     mask_h = offs_h < GQA
     heads = kvh * GQA + offs_h
     offs_q = tl.arange(0, D4)
-    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, mask_h, offs_q, stride_qb, stride_qh,
-                                      D4, DOT, EMU)
+    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, mask_h[:, None], offs_q, stride_qb,
+                                      stride_qh, D4, DOT, EMU)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -369,7 +403,8 @@ def _int2_group_part(
                               input_precision=PRECISION)
 
     no_zero = tl.zeros([BLOCK_H], tl.float32)  # dequantized in registers: no zero term
-    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, offs_q, split, m, lsum, no_zero,
+    _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, mask_h[:, None], offs_q, split, m,
+                    lsum, no_zero,
                     acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
                     stride_lh, D4)
 
@@ -431,33 +466,34 @@ def _decode_stage1_kernel(
     stride_tb,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    GQA: tl.constexpr, KVG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HP_BLOCK_N: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     DOT: tl.constexpr, I2DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr, HAS_INT2: tl.constexpr,
     HAS_HP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """grid (B, Hkv, int2_splits + hp_splits): programs [0, int2_splits) take pieces of the
-    INT2 body, the rest pieces of the BF16 windows (one launch for both tiers).
+    """grid (B, Hkv / KVG, int2_splits + hp_splits): programs [0, int2_splits) take pieces of
+    the INT2 body, the rest pieces of the BF16 windows (one launch for both tiers); a program
+    owns KVG consecutive KV heads (KVG > 1 only with one (scale, zero) per row).
     q [B, Hq, D]; packed [S, Hkv, D/4]; scale/zero [S, Hkv, D/GROUP] (the K pair and the V
     pair each share strides); slots [B, max_body]; len [B]; k, v [S2, Hkv, D];
     hslots [B, max_hp]; hlen [B]; mid_o fp32 [B, Hq, splits, D]; mid_lse fp32 [B, Hq, splits].
     qk_scale = sm_scale * log2(e)."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvg = tl.program_id(1)
     split = tl.program_id(2)
     if HAS_INT2:  # int2_splits is 0 when the INT2 tier is absent
         if split < int2_splits:
             if GROUP >= D:
                 _int2_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
-                           len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh, split,
+                           len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvg, split,
                            stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn, stride_ksh,
                            stride_vpn, stride_vph, stride_vsn, stride_vsh, stride_tb,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                           GQA, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
+                           GQA, KVG, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
             else:
                 _int2_group_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
-                                 len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvh,
+                                 len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvg,
                                  split, stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn,
                                  stride_ksh, stride_vpn, stride_vph, stride_vsn, stride_vsh,
                                  stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -465,10 +501,11 @@ def _decode_stage1_kernel(
                                  PRECISION)
     if HAS_HP:
         if split >= int2_splits:
-            _bf16_part(q_ptr, k_ptr, v_ptr, hslots_ptr, hlen_ptr, mid_o_ptr, mid_lse_ptr,
-                       qk_scale, hp_splits, b, kvh, split - int2_splits, split,
-                       stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_hb,
-                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+            for h in tl.static_range(KVG):
+                _bf16_part(q_ptr, k_ptr, v_ptr, hslots_ptr, hlen_ptr, mid_o_ptr, mid_lse_ptr,
+                       qk_scale, hp_splits, b, kvg * KVG + h, split - int2_splits, split,
+                       stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                       stride_hb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                        GQA, BLOCK_H, HP_BLOCK_N, D, DOT, EMU, PRECISION)
 
 
