@@ -122,34 +122,101 @@ def test_flush_of_all_layers_equals_per_layer_writes():
             assert torch.equal(want, have), i
 
 
-def test_flat_prefix_plan_equals_per_request_tables():
+@pytest.mark.parametrize("budget", [None, 1, 30, 60], ids=lambda b: f"budget{b}")
+def test_flat_prefix_plan_equals_per_request_tables(budget):
     """plan_extend gathers every request's prefix at once; the rows the batched kernel reads
-    (dequantize_prefixes indexed by kv_indices) equal, row for row and in order,
-    kernels.dequantize_prefix of each request's own tables (the previous per-request path)."""
+    (per group: dequantize_prefixes of the group indexed by its kv_indices) equal, row for row
+    and in order, kernels.dequantize_prefix of each request's own tables (the previous
+    per-request path). Small budgets split the batch into groups (a request larger than the
+    budget alone); the groups' re-based indptrs cover the batch in order."""
     from oscar_kv.cache.windows import body_end
     from oscar_kv.kernels import KVTables, dequantize_prefix
-    from oscar_kv.sglang_plugin.attention import dequantize_prefixes, plan_extend
+    from oscar_kv.sglang_plugin.attention import dequantize_prefixes, plan_extend, prefix_groups
 
     w = WindowSpec(8, 16, 8)
     srv = SimServer(w, QuantSpec(group_size=16))
-    srv.extend([("a", 1, 0, 20), ("b", 2, 0, 50), ("c", 3, 0, 5)])
-    batch = [("a", 1, 20, 3), ("b", 2, 50, 40), ("d", 4, 0, 6), ("c", 3, 5, 1)]
+    srv.extend([("a", 1, 0, 40), ("b", 2, 0, 50), ("c", 3, 0, 5)])
+    batch = [("a", 1, 40, 3), ("b", 2, 50, 40), ("d", 4, 0, 6), ("c", 3, 5, 1)]
     plan = srv.planner.extend(batch)
     n = srv.numerics
     loc = apply_slot_plan(srv.storage, plan, srv.req_to_token, n.clip_k, n.clip_v)
+    prefix, ext = [b[2] for b in batch], [b[3] for b in batch]
     ep = plan_extend(srv.storage, srv.req_to_token, torch.tensor([b[1] for b in batch]),
-                     [b[2] for b in batch], [b[3] for b in batch], loc)
+                     prefix, ext, loc, prefix_budget=budget)
+    spans = prefix_groups(prefix, budget or 1 << 16)
+    assert [g.reqs for g in ep.groups] == spans
+    assert len(spans) == {None: 1, 1: 4, 30: 3, 60: 2}[budget]
     hp = srv.storage.layout.hp_offset
+    for g in ep.groups:
+        r0, r1 = g.reqs
+        assert g.tokens == (sum(ext[:r0]), sum(ext[:r1])) and g.max_extend == max(ext[r0:r1])
+        assert g.qo_indptr.tolist() == [sum(ext[r0:i]) for i in range(r0, r1 + 1)]
+        assert g.kv_indptr.tolist() == [sum(prefix[r0:i]) for i in range(r0, r1 + 1)]
     for store, arena in ((srv.storage.k_int2[0], srv.storage.k_bf16[0]),
                          (srv.storage.v_int2[1], srv.storage.v_bf16[1])):
-        flat = dequantize_prefixes(store, arena, ep, torch.bfloat16)
-        for i, (_, row, p, m) in enumerate(batch):
-            seg = ep.kv_indices[ep.kv_indptr[i]:ep.kv_indptr[i + 1]]
-            end = body_end(p + m, w)
-            ids = srv.req_to_token[row].long()
-            body = ids[8:min(end, p)] if min(end, p) > 8 else ids[:0]
-            bf = torch.cat([ids[:min(8, p)], ids[max(8, end):p]]) - hp
-            tables = KVTables(body[None], torch.tensor([len(body)]), bf[None],
-                              torch.tensor([len(bf)]))
-            want = dequantize_prefix(store, arena, tables, torch.bfloat16)[0][0]
-            assert torch.equal(flat[seg], want), (i, p)
+        for g in ep.groups:
+            flat = dequantize_prefixes(store, arena, ep, torch.bfloat16, g)
+            assert flat.shape[0] == sum(prefix[g.reqs[0]:g.reqs[1]])
+            for j, i in enumerate(range(*g.reqs)):
+                _, row, p, m = batch[i]
+                seg = g.kv_indices[g.kv_indptr[j]:g.kv_indptr[j + 1]]
+                end = body_end(p + m, w)
+                ids = srv.req_to_token[row].long()
+                body = ids[8:min(end, p)] if min(end, p) > 8 else ids[:0]
+                bf = torch.cat([ids[:min(8, p)], ids[max(8, end):p]]) - hp
+                tables = KVTables(body[None], torch.tensor([len(body)]), bf[None],
+                                  torch.tensor([len(bf)]))
+                want = dequantize_prefix(store, arena, tables, torch.bfloat16)[0][0]
+                assert torch.equal(flat[seg], want), (i, p)
+
+
+def test_prefix_groups():
+    from oscar_kv.errors import OscarError
+    from oscar_kv.sglang_plugin.attention import prefix_groups
+
+    assert prefix_groups([], 10) == []
+    assert prefix_groups([3, 3, 4, 0, 0], 10) == [(0, 5)]
+    assert prefix_groups([3, 3, 5, 0, 11, 2], 10) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert prefix_groups([20], 10) == [(0, 1)]
+    with pytest.raises(OscarError, match="budget"):
+        prefix_groups([1], 0)
+
+
+def test_dequantize_rows_in_chunks_is_one_gather():
+    """The chunked dequantization (bounded fp32 temporaries) is bit-identical to one gather."""
+    from oscar_kv.kernels.ref import gather_int2_rows
+    from oscar_kv.sglang_plugin.attention import dequantize_rows
+
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=16))
+    srv.extend([("a", 1, 0, 90)])
+    st, arena = srv.storage.k_int2[1], srv.storage.k_bf16[1]
+    slots = torch.randperm(st.packed.shape[0], generator=torch.Generator().manual_seed(1))[:70]
+    rows = torch.tensor([0, 5, 3, 9])
+    for dtype in (torch.float32, torch.bfloat16):
+        want = torch.cat([gather_int2_rows(st, slots, dtype), arena[rows].to(dtype)])
+        for chunk in (1, 7, 70, 1000):
+            got = dequantize_rows(st, arena, slots, rows, dtype, chunk_rows=chunk)
+            assert got.dtype == dtype and torch.equal(got, want), (dtype, chunk)
+
+
+def test_torch_extend_in_query_blocks(monkeypatch):
+    """A score budget below one request's scores runs the torch path in blocks of queries
+    (prefill_attention's math over the same keys): against the oracle, and against the
+    one-block path to fp32 rounding."""
+    from oscar_kv.sglang_plugin import attention
+
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=16))
+    srv.extend([("a", 1, 0, 20), ("b", 2, 0, 7)])
+    plan = srv.planner.extend([("a", 1, 20, 28), ("c", 3, 0, 5), ("b", 2, 7, 9)])
+    n = srv.numerics
+    loc = apply_slot_plan(srv.storage, plan, srv.req_to_token, n.clip_k, n.clip_v)
+    ep = attention.plan_extend(srv.storage, srv.req_to_token, torch.tensor([1, 3, 2]),
+                               [20, 0, 7], [28, 5, 9], loc)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(42, h, 32, generator=g) for h in (4, 2, 2))
+    whole = attention.extend_torch(q, k, v, srv.storage, 0, ep, 0.2)
+    monkeypatch.setattr(attention, "EXTEND_TORCH_SCORE_BUDGET", 4 * 45 * 3)  # blocks of <= 3
+    blocked = attention.extend_torch(q, k, v, srv.storage, 0, ep, 0.2)
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=16))  # every layer vs the oracle
+    traffic(srv, decode_steps=3)

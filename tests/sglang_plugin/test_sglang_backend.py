@@ -249,6 +249,50 @@ def test_sglang_triton_extend_kernel_matches(tmp_path):
     h.extend([(a, 20, 28), (c, 0, 5), (b, 7, 9)])  # two prefixes gathered in one plan
 
 
+def test_sglang_extend_in_prefix_groups_matches(tmp_path, monkeypatch):
+    """A prefix budget that splits the batch into several SGLang kernel calls (prefixes 20+0,
+    7, then 30 > budget alone) and dequantization in chunks of 5 rows, against the oracle."""
+    from oscar_kv.sglang_plugin import attention
+
+    h = Harness(tmp_path, impl="sglang")
+    a, b, c, d = (FakeReq(x) for x in "abcd")
+    h.extend([(a, 0, 20), (b, 0, 7)])
+    h.extend([(d, 0, 30)])
+    monkeypatch.setattr(attention, "EXTEND_PREFIX_BUDGET", 25)
+    monkeypatch.setattr(attention, "DEQUANT_CHUNK_ROWS", 5)
+    h.extend([(a, 20, 28), (c, 0, 5), (b, 7, 9), (d, 30, 4)])
+    assert [g.reqs for g in h.backend.forward_metadata.groups] == [(0, 2), (2, 3), (3, 4)]
+
+
+def test_sglang_extend_groups_are_bit_identical(monkeypatch):
+    """extend_sglang's output does not depend on the grouping: one kernel call for the batch
+    and budgets of 1 (one request per call), 20, 60, 100 tokens give the same bits."""
+    from sglang_sim import SimServer
+
+    from oscar_kv.config import QuantSpec
+    from oscar_kv.sglang_plugin import attention
+    from oscar_kv.sglang_plugin.pool import apply_slot_plan
+
+    srv = SimServer(WindowSpec(8, 16, 8), QuantSpec(group_size=16), impl="sglang")
+    srv.extend([("a", 1, 0, 40), ("b", 2, 0, 50), ("c", 3, 0, 5)])
+    batch = [("a", 1, 40, 3), ("b", 2, 50, 40), ("d", 4, 0, 6), ("c", 3, 5, 1)]
+    n = srv.numerics
+    loc = apply_slot_plan(srv.storage, srv.planner.extend(batch), srv.req_to_token, n.clip_k,
+                          n.clip_v)
+    args = (srv.storage, srv.req_to_token, torch.tensor([b[1] for b in batch]),
+            [b[2] for b in batch], [b[3] for b in batch], loc)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(50, heads, 32, generator=g) for heads in (4, 2, 2))
+    one = attention.plan_extend(*args)
+    assert len(one.groups) == 1
+    want = attention.extend_sglang(q, k, v, srv.storage, 1, one, 0.17)
+    monkeypatch.setattr(attention, "DEQUANT_CHUNK_ROWS", 7)
+    for budget, groups in ((1, 4), (20, 3), (60, 2), (100, 1)):
+        ep = attention.plan_extend(*args, prefix_budget=budget)
+        assert len(ep.groups) == groups
+        assert torch.equal(attention.extend_sglang(q, k, v, srv.storage, 1, ep, 0.17), want)
+
+
 @pytest.mark.slow
 def test_triton_decode_kernel_in_interpreter(tmp_path):
     h = Harness(tmp_path, d=64, group=64, kernel_backend="triton")
