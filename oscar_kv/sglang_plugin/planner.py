@@ -64,6 +64,8 @@ class SlotPlanner:
     def __init__(self, index: PoolIndex) -> None:
         self.index = index
         self.handles: dict[str, int] = {}
+        self._version = 0  # bumped whenever a request's length or the set of handles changes
+        self._need_memo: tuple | None = None  # ((version, rids), Need) of the last decode_need
 
     def length(self, rid: str) -> int:
         return self.index.length(self._handle(rid))
@@ -106,12 +108,15 @@ class SlotPlanner:
         """Prefill / chunked-prefill batch: reqs = (rid, req_pool_idx, prefix_len, extend_len)."""
         self.check_extend([(rid, p, n) for rid, _, p, n in reqs])
         plan = SlotPlan()
-        for rid, row, prefix, n in reqs:
-            if rid in self.handles:
-                step = self.index.extend(self.handles[rid], n)
-            else:
-                self.handles[rid], step = self.index.alloc(n, prefix)
-            plan.add(row, prefix, step)
+        try:
+            for rid, row, prefix, n in reqs:
+                if rid in self.handles:
+                    step = self.index.extend(self.handles[rid], n)
+                else:
+                    self.handles[rid], step = self.index.alloc(n, prefix)
+                plan.add(row, prefix, step)
+        finally:
+            self._version += 1
         return plan
 
     def decode(self, reqs: Sequence[tuple[str, int]]) -> SlotPlan:
@@ -119,20 +124,31 @@ class SlotPlanner:
         handles = [self._handle(rid) for rid, _ in reqs]
         starts = [self.index.length(h) for h in handles]
         plan = SlotPlan()
-        for (_, row), start, step in zip(reqs, starts, self.index.decode_steps(handles),
-                                         strict=True):
+        try:
+            steps = self.index.decode_steps(handles)
+        finally:
+            self._version += 1
+        for (_, row), start, step in zip(reqs, starts, steps, strict=True):
             plan.add(row, start, step)
         return plan
 
     def decode_need(self, rids: Sequence[str]) -> Need:
-        """Units and sink rows the next decode step of these requests takes (flushes included)."""
-        return sum((self.index.extend_need(self._handle(rid), 1) for rid in rids), Need())
+        """Units and sink rows the next decode step of these requests takes (flushes included).
+        Remembered for the last batch until a request grows or is released: SGLang asks twice
+        per step (check_decode_mem, then the decode allocation's make_room)."""
+        key = (self._version, tuple(rids))
+        if self._need_memo is not None and self._need_memo[0] == key:
+            return self._need_memo[1]
+        need = sum((self.index.extend_need(self._handle(rid), 1) for rid in rids), Need())
+        self._need_memo = (key, need)
+        return need
 
     def release(self, rid: str) -> None:
         """Forget a finished, retracted or aborted request and return its slab. SGLang frees its
         INT2 ids and sink rows through the allocator (`PoolIndex.free_slots`)."""
         h = self._handle(rid)
         del self.handles[rid]
+        self._version += 1
         self.index.release(h)
 
     def reset(self) -> None:
@@ -141,6 +157,7 @@ class SlotPlanner:
             raise OscarError(f"cannot reset the int2 pool while {len(self.handles)} requests "
                              "hold KV slots; flush the cache only when the server is idle")
         self.index = PoolIndex(self.index.layout)
+        self._version += 1
 
     def _handle(self, rid: str) -> int:
         h = self.handles.get(rid)

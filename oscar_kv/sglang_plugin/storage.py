@@ -156,9 +156,11 @@ class MixedKVStorage:
         m = rows.numel()
         for side, clips in (("k", clip_k), ("v", clip_v)):
             arena, store = self.bf16_all[side], self.int2_all[side]
+            picked = arena.index_select(1, rows)  # [L, m, Hkv, D]: the flushed rows only
             for clip, sel, base in self._clip_groups(tuple(clips)):
-                x = arena if sel is None else arena.index_select(0, sel)
-                x = x.index_select(1, rows).reshape(base.numel() * m, *arena.shape[2:])
+                # rows first, then the group's layers: never a copy of whole arenas
+                x = picked if sel is None else picked.index_select(0, sel)
+                x = x.reshape(base.numel() * m, *arena.shape[2:])
                 slots = (base[:, None] + dst[None, :]).reshape(-1)
                 write_int2(x, None, clip, self.spec, slots, store.packed, store.scale,
                            store.zero, backend=self.kernel_backend)

@@ -122,6 +122,28 @@ def test_flush_of_all_layers_equals_per_layer_writes():
             assert torch.equal(want, have), i
 
 
+def test_flush_copies_only_the_flushed_rows():
+    """With per-layer clip ratios the flush selects the flushed rows before the layers of each
+    clip group: no tensor as large as one layer's BF16 arena is materialized."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):  # the largest gather (index_select) output
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "index_select" in str(func):
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    lay = PoolLayout(WindowSpec(8, 16, 8), 60, 4)
+    st = MixedKVStorage(lay, 3, 2, 32, QuantSpec(group_size=16), "cpu")
+    src = torch.tensor([lay.ring_offset + 3, lay.hp_offset + 1])
+    with Largest() as probe:
+        st.flush(src, torch.tensor([5, 17]), [0.9, 0.8, 0.7], [0.7, 0.7, 0.6])
+    assert 0 < probe.numel < st.k_bf16[0].numel() // 4
+
+
 @pytest.mark.parametrize("budget", [None, 1, 30, 60], ids=lambda b: f"budget{b}")
 def test_flat_prefix_plan_equals_per_request_tables(budget):
     """plan_extend gathers every request's prefix at once; the rows the batched kernel reads

@@ -69,6 +69,30 @@ def test_decode_need_is_exact():
                                  for n in lens)
 
 
+def test_decode_need_is_remembered_until_the_state_changes():
+    """SGLang asks for the same batch's need twice per step: the second answer is the first
+    one; growing, admitting or releasing a request (or a reset) recomputes it."""
+    p = planner()
+    p.extend([("a", 1, 0, 7), ("b", 2, 0, 15)])  # a still fills its sink (P = 8), b does not flush
+    first = p.decode_need(["a", "b"])
+    assert p.decode_need(["a", "b"]) is first and first.units == 1 and first.sink_rows == 1
+    assert p.decode_need(["b"]).units == 0
+    p.decode([("a", 1), ("b", 2)])
+    again = p.decode_need(["a", "b"])
+    assert again is not first
+    assert again == sum((p.index.extend_need(p.handles[r], 1) for r in "ab"), type(again)())
+    p.extend([("c", 3, 0, 4)])
+    assert p.decode_need(["a", "b", "c"]).sink_rows == 1
+    p.release("c")
+    with pytest.raises(OscarError, match="holds no int2 KV slots"):
+        p.decode_need(["a", "b", "c"])
+    for _ in range(9):
+        need = p.decode_need(["a", "b"])
+        before = p.index.available_units()
+        p.decode([("a", 1), ("b", 2)])
+        assert before - p.index.available_units() == need.units
+
+
 def test_release_frees_everything():
     p, t = planner(n_int2=100, reqs=2), Table()
     t.apply(p.extend([("a", 1, 0, 60), ("b", 2, 0, 30)]), {1: "a", 2: "b"})
