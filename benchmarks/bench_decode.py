@@ -188,7 +188,7 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     if args.sweep:
         res["sweep"] = sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed,
                              ours().float() if want is None else want, n_ours,
-                             res["bf16_triton"]["ms"])
+                             res["bf16_triton"]["ms"], exact_ref=want is not None)
     return res
 
 
@@ -197,12 +197,17 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
 SWEEP = [(128, 4, 3, 1, False, 2), (128, 4, 4, 1, False, 2), (64, 4, 2, 4, False, 2),
          (64, 4, 2, 4, False, 3), (32, 4, 3, 4, False, 2), (32, 4, 3, 4, False, 3),
          (32, 4, 4, 4, False, 3), (64, 8, 1, 4, False, 2), (128, 8, 1, 4, False, 2),
-         (64, 4, 3, 2, False, 2), (128, 4, 2, 2, False, 2), (64, 4, 2, 4, True, 1)]
+         (64, 4, 3, 2, False, 2), (128, 4, 2, 2, False, 2), (64, 4, 2, 4, True, 1),
+         (128, 4, 4, 2, False, 2), (128, 4, 4, 4, False, 2)]
 
 
-def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms) -> dict:
-    """Time the INT2 decode over SWEEP; every config's output is checked against `want` (the
-    fp32 reference when the case is small enough, else the default config's output)."""
+def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms,
+          exact_ref: bool = True) -> dict:
+    """Time the INT2 decode over SWEEP; every config's output is checked against `want`: the
+    fp32 reference when the case is small enough (exact_ref, rel. err. < 1e-2), else the
+    default config's bf16 output (two bf16 results of different split orders: < 3e-2; the
+    long-context outputs are averages of ~1e5 rows, small against their rounding)."""
+    tol = 1e-2 if exact_ref else 3e-2
     b, hq, d = q.shape
     device = q.device.type
     rows = []
@@ -229,7 +234,7 @@ def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms)
         except Exception as e:  # noqa: BLE001 - report and keep sweeping
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
-    ok = [r for r in rows if "ms" in r and r["rel_err"] < 1e-2]
+    ok = [r for r in rows if "ms" in r and r["rel_err"] < tol]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     if best:
         print(f"    sweep best: BLOCK_N={best['block_n']} warps={best['num_warps']} "

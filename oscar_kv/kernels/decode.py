@@ -106,6 +106,20 @@ def default_kv_group(num_q_heads: int, num_kv_heads: int, head_dim: int = 128,
     return k
 
 
+def choose_kv_group(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                    block_h: int, body_len: int, min_tokens: int, target: int) -> int:
+    """KV heads per INT2 program for this much work: `default_kv_group` when the body gives
+    at least two waves of `target` programs of >= min_tokens tokens each, else halved until
+    it does (or 1). Grouping heads makes each program longer, so small work (short bodies,
+    small batches) runs better with one head per program (H200 sweep, session 3: batch 1 and
+    8 at 4K 1.4-1.9x faster with 1 head per program, batch 8 at 32K 1.2x faster with 4)."""
+    k = default_kv_group(num_q_heads, num_kv_heads, head_dim, block_h)
+    tiles = -(-max(body_len, 0) // min_tokens)
+    while k > 1 and batch_size * (num_kv_heads // k) * tiles < 2 * target:
+        k //= 2
+    return k
+
+
 def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                 max_body_len: int, max_hp_len: int, device: torch.device | str = "cuda",
                 out_dtype: torch.dtype = torch.bfloat16, int2_splits: int | None = None,
@@ -121,7 +135,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
     compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
     double buffer (True) or a plain loop left to Triton's pipeliner (num_stages). kv_group:
-    KV heads per INT2 program (None: `default_kv_group`; stores with several (scale, zero)
+    KV heads per INT2 program (None: `choose_kv_group`; stores with several (scale, zero)
     groups per row always run one head per program)."""
     for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
         if n < 16 or n & (n - 1):
@@ -132,12 +146,13 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     device = torch.device(device)
     g = num_q_heads // num_kv_heads
     block_h = max(16, triton_next_pow2(g))
+    target = programs_per_sm * (num_sms or _num_sms(device))
     if kv_group is None:
-        kv_group = default_kv_group(num_q_heads, num_kv_heads, head_dim, block_h)
+        kv_group = choose_kv_group(batch_size, num_q_heads, num_kv_heads, head_dim, block_h,
+                                   max_body_len, 2 * block_n, target)
     if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
         raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")
-    target = programs_per_sm * (num_sms or _num_sms(device))
     base = batch_size * (num_kv_heads // kv_group)
     if int2_splits is None:
         int2_splits = _splits(max_body_len, base, target, 2 * block_n)

@@ -13,7 +13,7 @@ from kernel_cases import make_decode_case, max_err, reference_outputs
 from oscar_kv.config import QuantSpec, WindowSpec
 from oscar_kv.errors import OscarError
 from oscar_kv.kernels import decode_attention, plan_decode
-from oscar_kv.kernels.decode import default_kv_group
+from oscar_kv.kernels.decode import choose_kv_group, default_kv_group
 
 WIN = WindowSpec(sink_tokens=16, recent_tokens=32, flush_block=8)
 P, R = WIN.sink_tokens, WIN.recent_tokens
@@ -167,14 +167,14 @@ def test_plan_rejects_bad_tiles_and_unpack_names(monkeypatch):
 
 
 def test_plan_split_heuristic():
-    # GQA 4, 8 KV heads: 4 heads per program (block-diagonal q), so 2 programs per sequence
+    # GQA 4, 8 KV heads, 4 heads per program (block-diagonal q): 2 programs per sequence
     p = plan_decode(1, 32, 8, 128, max_body_len=131072, max_hp_len=327, device="cpu",
-                    num_sms=132)
+                    num_sms=132, kv_group=4)
     assert p.kv_group == 4 and p.block_h == 16 and 1 <= p.hp_splits <= 3
     # one partial wave of 528 (4 per SM) at most: the fewest splits within 5 % of the best fill
     assert p.int2_splits == 122
     p = plan_decode(32, 32, 8, 128, max_body_len=4096, max_hp_len=327, device="cpu",
-                    num_sms=132)
+                    num_sms=132, kv_group=4)
     assert p.int2_splits == 8  # 512 of 528 slots; 7 would fill 448
     # each split keeps >= 2 tiles of 128
     p = plan_decode(1, 32, 8, 128, max_body_len=3776, max_hp_len=327, device="cpu",
@@ -194,6 +194,20 @@ def test_plan_split_heuristic():
     (12, 3, 128, 1)])
 def test_default_kv_group(hq, hkv, d, want):
     assert default_kv_group(hq, hkv, d) == want
+
+
+@pytest.mark.parametrize("batch,body,want", [
+    (1, 4096, 1), (8, 4096, 1), (32, 4096, 2), (1, 32768, 1), (1, 131072, 2), (8, 32768, 4),
+    (32, 131072, 4), (64, 0, 1)])
+def test_choose_kv_group_by_work(batch, body, want):
+    """Qwen3-8B geometry on 132 SMs x 4: one head per program until the body gives two waves
+    of 256-token programs, then grouped heads up to the default 4."""
+    assert choose_kv_group(batch, 32, 8, 128, 16, body, 256, 4 * 132) == want
+    p = plan_decode(batch, 32, 8, 128, max_body_len=body, max_hp_len=320, device="cpu",
+                    num_sms=132, programs_per_sm=4)
+    assert p.kv_group == want
+    # never more than the geometry allows (GQA 8 -> at most 2 heads per program)
+    assert choose_kv_group(batch, 64, 8, 128, 16, body, 256, 4 * 132) <= 2
 
 
 def test_plan_rejects_bad_kv_group():
