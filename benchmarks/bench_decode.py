@@ -168,8 +168,8 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     n_ours = bytes_mixed(batch, body, hp, hq, hkv, d, spec, slot_bytes)
     n_bf16 = bytes_mixed(batch, 0, ctx, hq, hkv, d, spec, 0)
     res = {"batch": batch, "context": ctx, "body_tokens": body, "bf16_tokens": hp,
-           "int2_splits": plan.int2_splits, "hp_splits": plan.hp_splits,
-           "bf16_splits": plan_bf16.hp_splits, **check}
+           "int2_splits": plan.int2_splits, "kv_group": plan.kv_group,
+           "hp_splits": plan.hp_splits, "bf16_splits": plan_bf16.hp_splits, **check}
     cases = [("int2", ours, n_ours), ("bf16_triton", base, n_bf16), ("sdpa", sdpa, n_bf16)]
     if fi is not None:
         cases.append(("flashinfer", fi, n_bf16))

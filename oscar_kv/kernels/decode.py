@@ -106,17 +106,29 @@ def default_kv_group(num_q_heads: int, num_kv_heads: int, head_dim: int = 128,
     return k
 
 
+# head-tokens (batch x KV heads x INT2 body length) below which fewer KV heads per program win
+# (H200 sweep, `bench_decode.py --sweep`, Qwen3-8B geometry, BLOCK_N 128, 4 programs/SM):
+# batch 1 @ 4K: 1 head 0.0185 ms, 2 heads 0.0228, 4 heads 0.0372; batch 1 @ 32K and batch 8
+# @ 4K: 2 heads 0.0446 / 0.0471 ms, 4 heads 0.0484 / 0.0576; batch 1 @ 128K: 4 heads 0.1014
+# ms, 2 heads 0.1118; batch 32 @ 4K: 2 heads 0.1153 ms, 4 heads 0.1219; batch >= 8 @ >= 32K:
+# 4 heads best by 10-20 %.
+KV_GROUP_ONE_BELOW = 8 * 16384
+KV_GROUP_TWO_BELOW = 8 * 98304
+KV_GROUP_FULL_MIN_BODY = 8192  # shorter bodies: at most 2 heads per program
+
+
 def choose_kv_group(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                    block_h: int, body_len: int, min_tokens: int, target: int) -> int:
-    """KV heads per INT2 program for this much work: `default_kv_group` when the body gives
-    at least two waves of `target` programs of >= min_tokens tokens each, else halved until
-    it does (or 1). Grouping heads makes each program longer, so small work (short bodies,
-    small batches) runs better with one head per program (H200 sweep, session 3: batch 1 and
-    8 at 4K 1.4-1.9x faster with 1 head per program, batch 8 at 32K 1.2x faster with 4)."""
+                    block_h: int, body_len: int) -> int:
+    """KV heads per INT2 program for this much work: 1 below KV_GROUP_ONE_BELOW head-tokens,
+    at most 2 below KV_GROUP_TWO_BELOW or for bodies shorter than KV_GROUP_FULL_MIN_BODY, else
+    `default_kv_group`. Grouping heads makes programs longer and fewer, which pays only when
+    each sequence has enough tokens to split among them."""
     k = default_kv_group(num_q_heads, num_kv_heads, head_dim, block_h)
-    tiles = -(-max(body_len, 0) // min_tokens)
-    while k > 1 and batch_size * (num_kv_heads // k) * tiles < 2 * target:
-        k //= 2
+    work = batch_size * num_kv_heads * max(body_len, 0)
+    if work < KV_GROUP_ONE_BELOW:
+        return 1
+    if work < KV_GROUP_TWO_BELOW or body_len < KV_GROUP_FULL_MIN_BODY:
+        return min(k, 2)
     return k
 
 
@@ -149,7 +161,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     target = programs_per_sm * (num_sms or _num_sms(device))
     if kv_group is None:
         kv_group = choose_kv_group(batch_size, num_q_heads, num_kv_heads, head_dim, block_h,
-                                   max_body_len, 2 * block_n, target)
+                                   max_body_len)
     if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
         raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")

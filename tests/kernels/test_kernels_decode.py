@@ -197,17 +197,19 @@ def test_default_kv_group(hq, hkv, d, want):
 
 
 @pytest.mark.parametrize("batch,body,want", [
-    (1, 4096, 1), (8, 4096, 1), (32, 4096, 2), (1, 32768, 1), (1, 131072, 2), (8, 32768, 4),
-    (32, 131072, 4), (64, 0, 1)])
+    (1, 3776, 1), (1, 16064, 1), (8, 3776, 2), (1, 32448, 2), (1, 65216, 2), (32, 3776, 2),
+    (64, 3776, 2), (32, 16064, 4),
+    (1, 130752, 4), (8, 32448, 4), (32, 130752, 4), (64, 0, 1)])
 def test_choose_kv_group_by_work(batch, body, want):
-    """Qwen3-8B geometry on 132 SMs x 4: one head per program until the body gives two waves
-    of 256-token programs, then grouped heads up to the default 4."""
-    assert choose_kv_group(batch, 32, 8, 128, 16, body, 256, 4 * 132) == want
+    """Qwen3-8B geometry (bodies = context - sink 64 - recent 256): one head per program for
+    batch 1 up to 16K, two up to ~96K tokens of work or below 8K per sequence, then the
+    default 4."""
+    assert choose_kv_group(batch, 32, 8, 128, 16, body) == want
     p = plan_decode(batch, 32, 8, 128, max_body_len=body, max_hp_len=320, device="cpu",
-                    num_sms=132, programs_per_sm=4)
+                    num_sms=132)
     assert p.kv_group == want
     # never more than the geometry allows (GQA 8 -> at most 2 heads per program)
-    assert choose_kv_group(batch, 64, 8, 128, 16, body, 256, 4 * 132) <= 2
+    assert choose_kv_group(batch, 64, 8, 128, 16, body) == min(want, 2)
 
 
 def test_plan_rejects_bad_kv_group():
