@@ -1,6 +1,7 @@
 """benchmarks/bench_sglang_serving.py: the parts that run without a GPU (model config, Hadamard
 rotations accepted by the plugin's loader, prompts, capacity / bytes / throughput arithmetic,
-the summary, engine keywords that are real ServerArgs fields)."""
+the summary, engine keywords that are real ServerArgs fields, the warm-up before the timed
+decode runs)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,19 @@ def test_engine_kwargs_are_server_args_fields(bs, tmp_path):
         kw = bs.engine_kwargs(kind, tmp_path, args)
         assert set(kw) <= fields, set(kw) - fields
         assert kw["context_length"] >= args.context + args.s2 + 1
+
+
+def test_decode_runs_warm_up_before_timing(bs):
+    """A one-time cost of the first hit + decode run (cold start) must not land in T1: the
+    session-4 batch-48 run read 28.6 ms per step, faster than its KV bytes allow."""
+    calls = []
+
+    def run(new):  # 5 s hit prefill + 40 ms per decode step, +1.2 s the first time only
+        calls.append(new)
+        return 5.0 + 0.04 * (new - 1) + (1.2 if len(calls) == 1 else 0.0), [{"n": new}]
+
+    d = bs.decode_runs(run, 8, 72)
+    assert calls == [9, 9, 73]
+    assert d["t_s1_warmup"] > d["t_s1"] and d["metas"] == [{"n": 9}, {"n": 73}]
+    tok_s = bs.decode_tok_s(48, 8, 72, d["t_s1"], d["t_s2"])
+    assert tok_s == pytest.approx(48 / 0.04)
