@@ -26,6 +26,12 @@ from oscar_kv.kernels.write import interpreting, warn_once
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 128
+# INT2 tokens one split accumulates at most. The V accumulator holds sum(w * c) for codes c in
+# 0..3, which grows with the tokens while the output sum(w * (c - z)) does not, and the tensor
+# cores' fp32 accumulation error grows with it: on the H200 (session-4 sweep, batch 32 at 128K)
+# configs with 64K / 43K / 32K tokens per split differed from the 16K-per-split default by
+# 1.6 % / 0.8 % / 0.5 % (relative L2), against 0.2-0.3 % bf16 noise at short splits.
+SPLIT_MAX_TOKENS = 16384
 PROGRAMS_PER_SM = 4  # stage-1 programs resident per SM that the split heuristic aims for
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
@@ -71,25 +77,28 @@ def _num_sms(device: torch.device) -> int:
     return 132  # H200; only shapes the CPU/interpreter plan
 
 
-def _splits(work_tokens: int, base_programs: int, target: int, min_tokens: int) -> int:
+def _splits(work_tokens: int, base_programs: int, target: int, min_tokens: int,
+            max_tokens: int | None = None) -> int:
     """Splits per (sequence, head group): as many as the length allows (>= min_tokens each)
     up to the count whose programs fill whole waves of `target` resident programs best. A
     partial last wave leaves SMs idle for a whole program's duration (ncu on the H200: 768
     programs at 3 per SM ran as 1.94 waves), so 6 splits of 64 programs (one wave of 396)
-    beat 7 (1.13 waves)."""
+    beat 7 (1.13 waves). max_tokens: at least ceil(work_tokens / max_tokens) splits (the INT2
+    tier's accuracy, see SPLIT_MAX_TOKENS)."""
     if work_tokens <= 0:
         return 0
     base = max(base_programs, 1)
     limit = max(1, min(-(-work_tokens // min_tokens), MAX_SPLITS))
+    floor = 1 if max_tokens is None else min(-(-work_tokens // max_tokens), limit)
 
     def fill(s: int) -> float:  # fraction of the launched waves' slots doing work
         n = base * s
         return n / (-(-n // target) * target)
 
-    cap = max(1, min(limit, -(-2 * target // base)))  # splits for up to two waves
-    # the fewest splits within 5 % of the best fill among 1 .. two waves' worth
-    best = max(fill(s) for s in range(1, cap + 1))
-    return next(s for s in range(1, cap + 1) if fill(s) >= 0.95 * best)
+    cap = max(floor, min(limit, -(-2 * target // base)))  # splits for up to two waves
+    # the fewest splits within 5 % of the best fill among floor .. two waves' worth
+    best = max(fill(s) for s in range(floor, cap + 1))
+    return next(s for s in range(floor, cap + 1) if fill(s) >= 0.95 * best)
 
 
 def default_kv_group(num_q_heads: int, num_kv_heads: int, head_dim: int = 128,
@@ -167,7 +176,7 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")
     base = batch_size * (num_kv_heads // kv_group)
     if int2_splits is None:
-        int2_splits = _splits(max_body_len, base, target, 2 * block_n)
+        int2_splits = _splits(max_body_len, base, target, 2 * block_n, SPLIT_MAX_TOKENS)
     if hp_splits is None:
         hp_splits = _splits(max_hp_len, base, target, 2 * hp_block_n)
     total = max(int2_splits + hp_splits, 1)

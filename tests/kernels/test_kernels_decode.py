@@ -188,6 +188,21 @@ def test_plan_split_heuristic():
     assert plan_decode(1, 8, 8, 64, max_body_len=0, max_hp_len=10, device="cpu").int2_splits == 0
 
 
+@pytest.mark.parametrize("batch,body", [(64, 130752), (128, 130752), (256, 65216), (8, 10**6)])
+def test_plan_caps_tokens_per_int2_split(batch, body):
+    """Large batches fill the GPU with few splits, but one split accumulating more than
+    SPLIT_MAX_TOKENS INT2 tokens loses accuracy (fp32 tensor-core accumulation of sum(w c)):
+    the plan takes at least body / SPLIT_MAX_TOKENS splits. The BF16 tier has no such floor."""
+    from oscar_kv.kernels.decode import SPLIT_MAX_TOKENS, _splits
+
+    p = plan_decode(batch, 32, 8, 128, max_body_len=body, max_hp_len=body, device="cpu",
+                    num_sms=132)
+    assert p.int2_splits >= 2 and -(-body // p.int2_splits) <= SPLIT_MAX_TOKENS
+    without = _splits(body, batch * 2, 4 * 132, 256)
+    assert without < p.int2_splits  # the floor is what raised it
+    assert p.hp_splits == _splits(body, batch * (8 // p.kv_group), 4 * 132, 128)
+
+
 @pytest.mark.parametrize("hq,hkv,d,want", [
     (32, 8, 128, 4), (64, 8, 128, 2), (32, 32, 128, 4), (32, 32, 64, 8), (32, 32, 256, 2),
     (48, 8, 128, 2), (96, 8, 128, 1), (128, 8, 128, 1), (32, 2, 128, 1), (16, 4, 128, 4),
@@ -268,6 +283,26 @@ def test_gpu_long_and_wide_batches(lens, hkv, gqa):
                             device="cuda")
     out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                            case.tables)
+    _check(case, out.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_group", [1, 4])
+def test_gpu_fewest_splits_the_plan_allows_stay_accurate(kv_group):
+    """The fewest INT2 splits the plan may choose (body / SPLIT_MAX_TOKENS: what a large
+    batch gets) on a 128K body: each split accumulates SPLIT_MAX_TOKENS tokens of sum(w c) in
+    fp32 tensor-core accumulators, and the output must stay within 2x the bf16 reference's
+    error."""
+    from oscar_kv.kernels.decode import SPLIT_MAX_TOKENS
+
+    win = WindowSpec()
+    case = make_decode_case([131072], num_kv_heads=4, gqa=4, head_dim=128, window=win,
+                            device="cuda")
+    body = case.tables.int2_slots.shape[1]
+    plan = _plan(case, out_dtype=torch.bfloat16, block_n=128, hp_block_n=64,
+                 int2_splits=-(-body // SPLIT_MAX_TOKENS), hp_splits=1, kv_group=kv_group)
+    out = decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                           case.tables, plan=plan)
     _check(case, out.float())
 
 
