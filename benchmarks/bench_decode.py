@@ -40,7 +40,7 @@ from oscar_kv.kernels import (  # noqa: E402
     plan_decode,
     tables_from_token_slots,
 )
-from oscar_kv.kernels.decode import MAXNREG, PROGRAMS_PER_SM  # noqa: E402
+from oscar_kv.kernels.decode import MAXNREG  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -266,7 +266,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hp-block-n", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=2)
-    ap.add_argument("--programs-per-sm", type=int, default=PROGRAMS_PER_SM)
+    ap.add_argument("--programs-per-sm", type=int, default=None,
+                    help="split target per SM (default: by KV heads per program, see "
+                         "oscar_kv.kernels.decode.PROGRAMS_PER_SM)")
     ap.add_argument("--maxnreg", type=int, default=MAXNREG,
                     help="stage-1 register cap; 0 = the compiler's choice")
     ap.add_argument("--kv-group", type=int, default=None,

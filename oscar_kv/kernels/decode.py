@@ -32,7 +32,12 @@ MAX_SPLITS = 128
 # configs with 64K / 43K / 32K tokens per split differed from the 16K-per-split default by
 # 1.6 % / 0.8 % / 0.5 % (relative L2), against 0.2-0.3 % bf16 noise at short splits.
 SPLIT_MAX_TOKENS = 16384
-PROGRAMS_PER_SM = 4  # stage-1 programs resident per SM that the split heuristic aims for
+# stage-1 programs per SM that the split heuristic aims for, by KV heads per program: the
+# sm_90 builds' occupancy for 1 (168 registers: 3) and 2 heads (242: 2); 4 heads (255 + stack:
+# 2 resident) measured best aiming at 4, i.e. two waves (H200 sweep, session 4: 1 head at batch
+# 8 / 32K 0.213 ms aiming at 3 vs 0.284 at 4; 2 heads at batch 1 / 32K 0.0385 vs 0.0446)
+PROGRAMS_PER_SM = {1: 3, 2: 2}
+PROGRAMS_PER_SM_DEFAULT = 4
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
 UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
@@ -146,11 +151,12 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                 out_dtype: torch.dtype = torch.bfloat16, int2_splits: int | None = None,
                 hp_splits: int | None = None, block_n: int = 128, hp_block_n: int = 64,
                 num_warps: int = 4, num_stages: int = 2, num_sms: int | None = None,
-                programs_per_sm: int = PROGRAMS_PER_SM,
+                programs_per_sm: int | None = None,
                 maxnreg: int | None = MAXNREG, prefetch: bool = False,
                 kv_group: int | None = None) -> DecodePlan:
     """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
-    ~programs_per_sm resident programs per SM (the INT2 stage is latency bound: it needs many
+    ~programs_per_sm resident programs per SM (None: PROGRAMS_PER_SM for the plan's kv_group;
+    the INT2 stage is latency bound: it needs many
     tiles in flight), each taking at least two tiles; allocate the scratch.
     max_body_len / max_hp_len: the slot tables' widths (upper bounds). maxnreg caps the
     stage-1 registers per thread (128 x 4 warps -> 4 programs per SM on Hopper; None: the
@@ -167,13 +173,16 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     device = torch.device(device)
     g = num_q_heads // num_kv_heads
     block_h = max(16, triton_next_pow2(g))
-    target = programs_per_sm * (num_sms or _num_sms(device))
     if kv_group is None:
         kv_group = choose_kv_group(batch_size, num_q_heads, num_kv_heads, head_dim, block_h,
                                    max_body_len)
     if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
         raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")
+    if programs_per_sm is None:  # a BF16-only plan (no INT2 body) keeps the default
+        programs_per_sm = (PROGRAMS_PER_SM.get(kv_group, PROGRAMS_PER_SM_DEFAULT)
+                           if max_body_len > 0 else PROGRAMS_PER_SM_DEFAULT)
+    target = programs_per_sm * (num_sms or _num_sms(device))
     base = batch_size * (num_kv_heads // kv_group)
     if int2_splits is None:
         int2_splits = _splits(max_body_len, base, target, 2 * block_n, SPLIT_MAX_TOKENS)

@@ -227,6 +227,21 @@ def test_choose_kv_group_by_work(batch, body, want):
     assert choose_kv_group(batch, 64, 8, 128, 16, body) == min(want, 2)
 
 
+def test_plan_split_target_follows_kv_group_occupancy():
+    """The split target per SM is the sm_90 occupancy of the chosen program shape (1 head: 3,
+    2 heads: 2; 4 heads: 4, measured best), BF16-only plans keep 4; an explicit value wins."""
+    from oscar_kv.kernels.decode import _splits
+
+    kw = dict(max_hp_len=320, device="cpu", num_sms=132)
+    for kvg, pps in ((1, 3), (2, 2), (4, 4)):
+        p = plan_decode(8, 32, 8, 128, max_body_len=32448, kv_group=kvg, **kw)
+        assert p.int2_splits == _splits(32448, 8 * (8 // kvg), pps * 132, 256, 16384)
+    p = plan_decode(8, 32, 8, 128, max_body_len=32448, kv_group=1, programs_per_sm=4, **kw)
+    assert p.int2_splits == _splits(32448, 64, 4 * 132, 256, 16384) != 6
+    p = plan_decode(8, 32, 8, 128, max_body_len=0, max_hp_len=32768, device="cpu", num_sms=132)
+    assert p.hp_splits == _splits(32768, 64, 4 * 132, 128)
+
+
 def test_plan_rejects_bad_kv_group():
     with pytest.raises(OscarError, match="kv_group"):
         plan_decode(1, 32, 8, 128, max_body_len=10, max_hp_len=10, device="cpu", kv_group=3)
