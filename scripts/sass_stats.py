@@ -32,7 +32,7 @@ def compile_stage1(block_n: int, num_warps: int, num_stages: int, d: int = 128, 
     fn = _decode_stage1_kernel
     const = dict(GQA=gqa, KVG=kv_group, BLOCK_H=16, BLOCK_N=block_n, HP_BLOCK_N=64, D=d, GROUP=d,
                  DOT=None, I2DOT=None, EMU=False, MAGIC=2, IDX64=False, PRECISION=None,
-                 HAS_INT2=True, HAS_HP=True, PREFETCH=False)
+                 HAS_INT2=True, HAS_HP=True, PREFETCH=False, CENTER=False)
     import triton.language as tl
     const["DOT"] = tl.bfloat16
     const["I2DOT"] = tl.bfloat16

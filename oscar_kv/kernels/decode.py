@@ -41,6 +41,9 @@ PROGRAMS_PER_SM_DEFAULT = 4
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
 UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
+# "plain" (default): codes 0..3 in the INT2 dots; "centered": codes c - 1.5, whose accumulators
+# do not grow with the split (see SPLIT_MAX_TOKENS). Opt-in until measured on the GPU.
+CODES_ENV = "OSCAR_KV_INT2_CODES"
 
 
 @dataclass
@@ -244,9 +247,14 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
     """
     import triton.language as tl
 
+    codes = os.environ.get(CODES_ENV, "plain")
+    if codes not in ("plain", "centered"):
+        raise OscarError(f"{CODES_ENV}={codes!r}; use 'plain' (default) or 'centered'")
+    center = codes == "centered"
     if interpreting():
         emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")
-        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=0, PRECISION="ieee")
+        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=0, PRECISION="ieee",
+                    CENTER=center)
     if k_bf16.dtype == torch.float32 and q.dtype == torch.float32:
         dot, prec = tl.float32, "ieee"
     else:
@@ -255,7 +263,8 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
     if unpack not in ("asm", "triton"):
         raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default) or 'triton'")
     magic = 1 if unpack == "triton" else 2
-    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec)
+    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec,
+                CENTER=center)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:

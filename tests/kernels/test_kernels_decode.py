@@ -80,6 +80,57 @@ def test_kv_groups_block_diagonal(triton_device, kv_group, prefetch):
     _check(case, out)
 
 
+@pytest.mark.parametrize("kv_group", [1, 4])
+def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
+    """OSCAR_KV_INT2_CODES=centered (codes c - 1.5, zeros z - 1.5) is the same attention: within
+    the bf16 reference's error, and within bf16 noise of the plain codes' output."""
+    from oscar_kv.kernels.decode import CODES_ENV, EMULATE_ENV, _dot_config
+
+    monkeypatch.setenv(EMULATE_ENV, "1")  # interpreter: bf16 operands as on the GPU
+    case = make_decode_case([P + R + 300, 70, P + R + 1], num_kv_heads=4, gqa=4, head_dim=128,
+                            window=WIN, seed=11, device=triton_device)
+    plan = lambda: _plan(case, out_dtype=torch.bfloat16, block_n=32, hp_block_n=32,
+                         kv_group=kv_group)
+    run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                                   case.tables, plan=plan(), backend="triton")
+    plain = run()
+    monkeypatch.setenv(CODES_ENV, "centered")
+    assert _dot_config(case.q, case.k_bf16)["CENTER"] is True
+    centered = run()
+    _check(case, centered)  # bf16 output: against 2x the bf16 reference's error
+    noise = max_err(plain.float().cpu(), reference_outputs(case)["fp64"])
+    assert max_err(centered.float().cpu(), plain.float().cpu()) <= 2 * noise
+    monkeypatch.setenv(CODES_ENV, "shifted")
+    with pytest.raises(OscarError, match="plain"):
+        run()
+
+
+@pytest.mark.gpu
+def test_gpu_centered_codes_hold_one_split_over_128k():
+    """The worst case for the accumulators: one split over a 128K body. Centered codes keep
+    the output within 2x the bf16 reference's error (plain codes 0..3 accumulate sum(w c),
+    which grows with the split; its error is printed for comparison)."""
+    import os
+
+    from oscar_kv.kernels.decode import CODES_ENV
+
+    case = make_decode_case([131072], num_kv_heads=2, gqa=4, head_dim=128, window=WIN,
+                            device="cuda")
+    plan = _plan(case, out_dtype=torch.bfloat16, block_n=128, hp_block_n=64, int2_splits=1,
+                 hp_splits=1, kv_group=2)
+    run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
+                                   case.tables, plan=plan).float()
+    refs = reference_outputs(case)
+    plain = max_err(run().cpu(), refs["fp64"])
+    os.environ[CODES_ENV] = "centered"
+    try:
+        err = _check(case, run())
+    finally:
+        del os.environ[CODES_ENV]
+    print(f"one split over 128K: plain {plain:.3g}, centered {err:.3g}, "
+          f"bf16 reference {max_err(refs['bf16'], refs['fp64']):.3g}")
+
+
 @pytest.mark.parametrize(("group", "meta"), [(32, "bfloat16"), (128, "float16"),
                                              (64, "float32")])
 def test_group_sizes_and_metadata_dtypes(triton_device, group, meta):

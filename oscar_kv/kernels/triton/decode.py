@@ -80,9 +80,45 @@ _UNPACK_ASM = tl.constexpr("""{
     fma.rn.bf16x2 $7, $7, one, off;
     }""")
 
+# CENTER: codes c - 1.5 (+-0.5, +-1.5, exact bf16) so that the dots' accumulators hold
+# sum(w (c - 1.5)), which does not grow with the split like sum(w c) does. Each code goes to
+# mantissa bit 1 (bf16 128 + 2c), then one bf16x2 FMA: (128 + 2c) * 0.5 - 65.5 = c - 1.5, every
+# constant and result exact in bf16 (65.5 = 1.0000011b x 2^6). sm_90 SASS of the main loop
+# (scripts/sass_stats.py --set CENTER=1): +4.6 % instructions at 1 KV head per program, -0.3 %
+# at 4.
+_UNPACK_ASM_CENTERED = tl.constexpr("""{
+    .reg .b32 t0, t1, t2, t3, half, off;
+    mov.b32 half, 0x3F003F00;
+    mov.b32 off, 0xC283C283;
+    shl.b32 t0, $8, 1;
+    and.b32 t0, t0, 0x06060606;
+    shr.u32 t1, $8, 1;
+    and.b32 t1, t1, 0x06060606;
+    shr.u32 t2, $8, 3;
+    and.b32 t2, t2, 0x06060606;
+    shr.u32 t3, $8, 5;
+    and.b32 t3, t3, 0x06060606;
+    prmt.b32 $0, t0, 0x43434343, 0x5140;
+    prmt.b32 $1, t0, 0x43434343, 0x7362;
+    prmt.b32 $2, t1, 0x43434343, 0x5140;
+    prmt.b32 $3, t1, 0x43434343, 0x7362;
+    prmt.b32 $4, t2, 0x43434343, 0x5140;
+    prmt.b32 $5, t2, 0x43434343, 0x7362;
+    prmt.b32 $6, t3, 0x43434343, 0x5140;
+    prmt.b32 $7, t3, 0x43434343, 0x7362;
+    fma.rn.bf16x2 $0, $0, half, off;
+    fma.rn.bf16x2 $1, $1, half, off;
+    fma.rn.bf16x2 $2, $2, half, off;
+    fma.rn.bf16x2 $3, $3, half, off;
+    fma.rn.bf16x2 $4, $4, half, off;
+    fma.rn.bf16x2 $5, $5, half, off;
+    fma.rn.bf16x2 $6, $6, half, off;
+    fma.rn.bf16x2 $7, $7, half, off;
+    }""")
+
 
 @triton.jit
-def _unpack4(word, MAGIC: tl.constexpr):
+def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr = False):
     """Packed bytes -> the four quarter tensors of exact codes 0..3, one per 2-bit field.
 
     MAGIC 2 (GPU default): one inline asm over 4 packed bytes per register: shift/and, PRMT
@@ -90,22 +126,31 @@ def _unpack4(word, MAGIC: tl.constexpr):
     exactly (~1.5 instructions per code). The offset must not survive into the dots: with
     128 + c the V accumulator would carry 128 * sum(w) and cancel it at the end, which loses
     the result to fp32 rounding when sum(w (c - z)) is small (long contexts).
-    MAGIC 1: int -> bf16 conversions in plain Triton. MAGIC 0 (interpreter): fp32."""
+    MAGIC 1: int -> bf16 conversions in plain Triton. MAGIC 0 (interpreter): fp32.
+    CENTER: c - 1.5 instead of c (exact in every variant; `_UNPACK_ASM_CENTERED`)."""
+    off: tl.constexpr = 1.5 if CENTER else 0.0
     if MAGIC == 1:
-        c0 = (word & 3).to(tl.bfloat16)
-        c1 = ((word >> 2) & 3).to(tl.bfloat16)
-        c2 = ((word >> 4) & 3).to(tl.bfloat16)
-        c3 = ((word >> 6) & 3).to(tl.bfloat16)
+        c0 = ((word & 3).to(tl.float32) - off).to(tl.bfloat16)
+        c1 = (((word >> 2) & 3).to(tl.float32) - off).to(tl.bfloat16)
+        c2 = (((word >> 4) & 3).to(tl.float32) - off).to(tl.bfloat16)
+        c3 = (((word >> 6) & 3).to(tl.float32) - off).to(tl.bfloat16)
         return c0, c1, c2, c3
     elif MAGIC == 2:
-        return tl.inline_asm_elementwise(
-            _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        if CENTER:
+            return tl.inline_asm_elementwise(
+                _UNPACK_ASM_CENTERED, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=4)
     else:
-        c0 = (word & 3).to(tl.float32)
-        c1 = ((word >> 2) & 3).to(tl.float32)
-        c2 = ((word >> 4) & 3).to(tl.float32)
-        c3 = ((word >> 6) & 3).to(tl.float32)
+        c0 = (word & 3).to(tl.float32) - off
+        c1 = ((word >> 2) & 3).to(tl.float32) - off
+        c2 = ((word >> 4) & 3).to(tl.float32) - off
+        c3 = ((word >> 6) & 3).to(tl.float32) - off
         return c0, c1, c2, c3
 
 
@@ -122,24 +167,26 @@ def _softmax_step(qk, m, lsum):
 @triton.jit
 def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                m, lsum, wz, acc0, acc1, acc2, acc3,
-               DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr):
+               DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
+               CENTER: tl.constexpr = False):
     """One tile of the code-domain loop: kb [C, BLOCK_N] and vb [BLOCK_N, C] packed bytes
     (C = KVG * D/4 columns: KVG heads' quarter vectors side by side), ks/kz/vs/vz metadata
     broadcastable to [BLOCK_H, BLOCK_N] (each row sees its own KV head's). Returns the updated
-    (m, lsum, wz, acc0..acc3)."""
-    kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC)
+    (m, lsum, wz, acc0..acc3). CENTER: codes c - 1.5, so the zeros become z - 1.5."""
+    off: tl.constexpr = 1.5 if CENTER else 0.0
+    kc0, kc1, kc2, kc3 = _unpack4(kb, MAGIC, CENTER)
     raw = tl.dot(q0, kc0)
     raw = tl.dot(q1, kc1, raw)
     raw = tl.dot(q2, kc2, raw)
     raw = tl.dot(q3, kc3, raw)
     ksf = ks.to(tl.float32) * qk_scale
-    qk = (raw - qsum[:, None] * kz.to(tl.float32)) * ksf
+    qk = (raw - qsum[:, None] * (kz.to(tl.float32) - off)) * ksf
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     p, alpha, m, lsum = _softmax_step(qk, m, lsum)
     w = _operand(p * vs.to(tl.float32), DOT, EMU)
     # sum of the operand w (as rounded for the dot), so the zero term matches the dots
-    wz = wz * alpha + tl.sum(w.to(tl.float32) * vz.to(tl.float32), axis=1)
-    vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC)
+    wz = wz * alpha + tl.sum(w.to(tl.float32) * (vz.to(tl.float32) - off), axis=1)
+    vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, CENTER)
     acc0 = tl.dot(w, vc0, acc0 * alpha[:, None])
     acc1 = tl.dot(w, vc1, acc1 * alpha[:, None])
     acc2 = tl.dot(w, vc2, acc2 * alpha[:, None])
@@ -231,7 +278,7 @@ def _int2_part(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, KVG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
-    IDX64: tl.constexpr, PREFETCH: tl.constexpr,
+    IDX64: tl.constexpr, PREFETCH: tl.constexpr, CENTER: tl.constexpr = False,
 ):
     """One (scale, zero) per row (group_size == head_dim), in the code domain:
         logit_t = s_t * (q . c_t - z_t * sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,
@@ -294,7 +341,7 @@ def _int2_part(
                 stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
                 q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
-                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
+                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC, CENTER)
     else:
         slot, mask_n = _load_slots(slot_row, start, offs, end, IDX64)
         slot_n, mask_p = _load_slots(slot_row, start + BLOCK_N, offs, end, IDX64)
@@ -313,7 +360,7 @@ def _int2_part(
                 stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
                 q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
-                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC)
+                m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC, CENTER)
             kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
             slot_n = slot_nn
 
@@ -470,7 +517,7 @@ def _decode_stage1_kernel(
     HP_BLOCK_N: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     DOT: tl.constexpr, I2DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr, HAS_INT2: tl.constexpr,
-    HAS_HP: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_HP: tl.constexpr, PREFETCH: tl.constexpr, CENTER: tl.constexpr,
 ):
     """grid (B, Hkv / KVG, int2_splits + hp_splits): programs [0, int2_splits) take pieces of
     the INT2 body, the rest pieces of the BF16 windows (one launch for both tiers); a program
@@ -490,7 +537,8 @@ def _decode_stage1_kernel(
                            stride_qb, stride_qh, stride_kpn, stride_kph, stride_ksn, stride_ksh,
                            stride_vpn, stride_vph, stride_vsn, stride_vsh, stride_tb,
                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                           GQA, KVG, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH)
+                           GQA, KVG, BLOCK_H, BLOCK_N, D, I2DOT, EMU, MAGIC, IDX64, PREFETCH,
+                           CENTER)
             else:
                 _int2_group_part(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, slots_ptr,
                                  len_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, int2_splits, b, kvg,
