@@ -40,7 +40,8 @@ from oscar_kv.kernels import (  # noqa: E402
     plan_decode,
     tables_from_token_slots,
 )
-from oscar_kv.kernels.decode import MAXNREG  # noqa: E402
+from oscar_kv.kernels.decode import CODES_ENV, MAXNREG  # noqa: E402
+from oscar_kv.server_process import scoped_environ  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -185,6 +186,17 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
         res["speedup_vs_flashinfer"] = res["flashinfer"]["ms"] / res["int2"]["ms"]
     best = min(res[n]["ms"] for n in ("bf16_triton", "sdpa", "flashinfer") if n in res)
     res["speedup_vs_best_bf16"] = best / res["int2"]["ms"]
+    if args.centered:  # the opt-in centered codes, same plan, timed in the same run
+        with scoped_environ({CODES_ENV: "centered"}):
+            ms = bench(ours, device, args.graph, args.reps)
+            row = {"ms": ms, "gb_s": n_ours / (ms * 1e-3) / 1e9,
+                   "x_plain": res["int2"]["ms"] / ms}
+            if want is not None:
+                row["rel_err"] = rel_err(ours(), want)
+        res["int2_centered"] = row
+        print(f"    centered codes: {ms:.4f} ms ({row['x_plain']:.3f}x plain)"
+              + (f", rel err {row['rel_err']:.3g} (plain {check['int2_rel_err']:.3g})"
+                 if want is not None else ""), flush=True)
     if args.sweep:
         res["sweep"] = sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed,
                              ours().float() if want is None else want, n_ours,
@@ -275,6 +287,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="KV heads per INT2 program (default: plan_decode's choice)")
     ap.add_argument("--prefetch", action="store_true",
                     help="the hand-pipelined INT2 loop instead of Triton's pipeliner")
+    ap.add_argument("--centered", action="store_true",
+                    help="also time the INT2 decode with OSCAR_KV_INT2_CODES=centered")
     ap.add_argument("--sweep", action="store_true",
                     help="also time an INT2 config sweep per case and print the best")
     ap.add_argument("--check-max-tokens", type=int, default=1 << 20,
