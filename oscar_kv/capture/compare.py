@@ -22,6 +22,7 @@ import sys
 import torch
 
 from oscar_kv.capture.stats import load_stats
+from oscar_kv.config import ModelGeometry
 from oscar_kv.errors import OscarError
 
 MOMENTS = ("qq", "kk", "vv", "wvv", "svv", "k_sum", "w_sum", "s_sum")
@@ -33,6 +34,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if a.shape != b.shape:
         raise OscarError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return float("nan")  # (max(0.0, nan) is 0.0: an all-zero side would hide it)
     den = max(a.norm().item(), b.norm().item())
     return 0.0 if den == 0.0 else (a - b).norm().item() / den
 
@@ -42,7 +45,12 @@ def compare_stats(a: dict, b: dict) -> dict:
     "max": {moment: largest rel over layers}, "worst": (layer, moment, rel), "num_tokens"}.
     Raises OscarError when the geometry, the layer set or the token counts differ, or a
     moment is present in one file only."""
-    if a.get("model") != b.get("model"):
+    # the attention shape and (where both name it) the model type; name_or_path is where the
+    # model was loaded from (HF calibration: the path; SGLang capture: empty), not a property
+    ga, gb = ModelGeometry.from_dict(a["model"]), ModelGeometry.from_dict(b["model"])
+    shape = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+    if (any(getattr(ga, k) != getattr(gb, k) for k in shape)
+            or (ga.model_type and gb.model_type and ga.model_type != gb.model_type)):
         raise OscarError(f"the statistics are of different models: {a.get('model')} vs "
                          f"{b.get('model')}")
     la, lb = a["layers"], b["layers"]

@@ -68,3 +68,33 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
     assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "different tokens" in capsys.readouterr().err
     assert main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+
+
+def test_where_the_model_was_loaded_from_is_not_a_difference():
+    """HF calibration records the model's path (config._name_or_path), the SGLang capture
+    leaves it empty: the same model, so scripts/sglang_capture_check.py must compare them.
+    A different model type (both named) is still refused."""
+    seqs = random_sequences(GEO, [7, 12])
+    a, b = run_accumulator(GEO, seqs), run_accumulator(GEO, seqs)
+    a["model"] |= {"name_or_path": "/models/tiny", "model_type": "qwen3"}
+    b["model"] |= {"name_or_path": "", "model_type": "qwen3"}
+    assert compare_stats(a, b)["worst"][2] == 0.0
+    b["model"]["model_type"] = ""  # unknown on one side: not a difference
+    assert compare_stats(a, b)["worst"][2] == 0.0
+    b["model"]["model_type"] = "llama"
+    with pytest.raises(OscarError, match="different models"):
+        compare_stats(a, b)
+
+
+def test_nan_against_an_all_zero_moment_is_refused():
+    """max(0.0, nan) is 0.0 in Python: a NaN moment compared with an all-zero one must not
+    read as 'no difference'."""
+    seqs = random_sequences(GEO, [7, 12])
+    a, b = run_accumulator(GEO, seqs), run_accumulator(GEO, seqs)
+    a["layers"][0]["w_sum"].zero_()
+    b["layers"][0]["w_sum"].zero_()
+    b["layers"][0]["w_sum"][0] = float("nan")
+    with pytest.raises(OscarError, match="not finite"):
+        compare_stats(a, b)
+    with pytest.raises(OscarError, match="not finite"):
+        compare_stats(b, a)
