@@ -43,6 +43,8 @@ MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
 UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
 # "plain" (default): codes 0..3 in the INT2 dots; "centered": codes c - 1.5, whose accumulators
 # do not grow with the split (see SPLIT_MAX_TOKENS). Opt-in until measured on the GPU.
+# Read at every launch (like UNPACK_ENV): a captured CUDA graph keeps the variant it was
+# captured with, so set it for the whole process before any capture.
 CODES_ENV = "OSCAR_KV_INT2_CODES"
 
 

@@ -105,6 +105,41 @@ def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
         run()
 
 
+def test_centered_codes_reach_the_kernel(triton_device, monkeypatch):
+    """The centered variant is the same attention, so matching the reference does not show
+    that CENTER reached the tiles (the constexpr defaults to False below the stage-1 kernel):
+    the launch must get CENTER=True and the fp32 output must differ in its last bits."""
+    import oscar_kv.kernels.triton.decode as tk
+    from oscar_kv.kernels.decode import CODES_ENV, EMULATE_ENV
+
+    monkeypatch.setenv(EMULATE_ENV, "0")
+    monkeypatch.delenv(CODES_ENV, raising=False)
+    case = make_decode_case([P + R + 300, P + R + 1], num_kv_heads=4, gqa=4, head_dim=128,
+                            window=WIN, seed=3, device=triton_device)
+    seen, kernel = [], tk._decode_stage1_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(kw["CENTER"])
+                return kernel[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(tk, "_decode_stage1_kernel", Spy())
+    outs = []
+    for codes in ("plain", "centered"):
+        monkeypatch.setenv(CODES_ENV, codes)
+        for kvg in (1, 4):
+            plan = _plan(case, block_n=32, hp_block_n=32, kv_group=kvg)
+            outs.append(decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16,
+                                         case.v_bf16, case.tables, plan=plan,
+                                         backend="triton").clone())
+    assert seen == [False, False, True, True]
+    for plain, centered in zip(outs[:2], outs[2:], strict=True):
+        assert not torch.equal(plain, centered)
+        assert max_err(centered.cpu(), plain.cpu()) < 1e-5
+
+
 @pytest.mark.gpu
 def test_gpu_centered_codes_hold_one_split_over_128k():
     """The worst case for the accumulators: one split over a 128K body. Centered codes keep
