@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from oscar_kv.config import QuantSpec  # noqa: E402
 from oscar_kv.kernels import Int2Store, write_bf16, write_int2  # noqa: E402
+from oscar_kv.kernels.write import write_int2_triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench, environment  # noqa: E402
@@ -69,6 +70,20 @@ def run_case(args, n: int, device: str, gen: torch.Generator) -> dict:
         res[name] = {"ms": ms, "bytes": nbytes, "gb_s": gbs,
                      "pct_peak": 100 * gbs / args.peak_gbs}
     res["speedup_vs_torch"] = res["int2_torch"]["ms"] / res["int2_triton"]["ms"]
+    for prec in args.also_precision:  # the fused rotation's dot mode (default "ieee")
+        st = Int2Store.empty(args.num_slots, h, d, spec, device=device)
+        fn = lambda st=st, prec=prec: write_int2_triton(x, rot, args.clip_ratio, spec, slots,
+                                                        st.packed, st.scale, st.zero,
+                                                        precision=prec)
+        fn()
+        ms = bench(fn, device, args.graph, args.reps)
+        mism = (st.packed[idx] != stores[1].packed[idx]).float().mean().item()
+        res[f"int2_triton_{prec}"] = {
+            "ms": ms, "gb_s": res["int2_triton"]["bytes"] / (ms * 1e-3) / 1e9,
+            "x_ieee": res["int2_triton"]["ms"] / ms, "byte_mismatch_frac": mism}
+        print(f"    {n} tokens, rotation dot {prec}: {ms:.4f} ms "
+              f"({res['int2_triton']['ms'] / ms:.2f}x ieee), bytes differing from the "
+              f"reference {100 * mism:.3f} %", flush=True)
     return res
 
 
@@ -86,6 +101,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="H200 HBM3e: 4.8 TB/s")
     ap.add_argument("--no-graph", dest="graph", action="store_false")
+    ap.add_argument("--also-precision", nargs="*", default=[], choices=["tf32", "tf32x3"],
+                    help="also time the fused rotation with these tl.dot modes (vs ieee fp32)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU through the Triton interpreter (CI)")

@@ -40,6 +40,9 @@ case "${1:?phase: kernels | decode | serving | capture}" in
       | grep -v "it/s\]" > "$OUT/serving.log"; tail -40 "$OUT/serving.log" ;;
   capture)
     PYTHONPATH=/tmp/ov:/tmp/site:$PWD timeout 400 python3 scripts/sglang_capture_check.py \
-      --model .carry/tiny --out "$OUT/capture" 2>&1 | tail -40 ;;
+      --model .carry/tiny --out "$OUT/capture" 2>&1 | tail -40
+    # the write kernel's fused rotation on tensor cores (3xTF32) vs the exact fp32 dot
+    PYTHONPATH=$PWD timeout 90 python3 benchmarks/bench_write.py --also-precision tf32x3 tf32 \
+      --out "$OUT/write" 2>&1 | tail -24 ;;
   *) echo "unknown phase $1" >&2; exit 2 ;;
 esac

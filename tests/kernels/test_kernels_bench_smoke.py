@@ -30,3 +30,14 @@ def test_decode_benchmark_times_centered_codes_in_the_same_run(triton_device, tm
         c = r["int2_centered"]
         assert c["ms"] > 0 and c["x_plain"] == pytest.approx(r["int2"]["ms"] / c["ms"])
         assert c["rel_err"] < 1e-2 and abs(c["rel_err"] - r["int2_rel_err"]) < 5e-3
+
+
+def test_write_benchmark_times_other_rotation_precisions(triton_device, tmp_path, load_script):
+    """--also-precision times the fused write with another rotation dot mode in the same run
+    and reports how many bytes then differ from the fp32 reference."""
+    results = load_script("benchmarks/bench_write.py").main(
+        ["--smoke", "--also-precision", "tf32x3", "--out", str(tmp_path)])
+    for r in results:
+        row = r["int2_triton_tf32x3"]
+        assert row["ms"] > 0 and 0.0 <= row["byte_mismatch_frac"] <= 1.0
+        assert row["x_ieee"] == pytest.approx(r["int2_triton"]["ms"] / row["ms"])
