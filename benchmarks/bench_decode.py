@@ -130,7 +130,8 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
                        out_dtype=torch.bfloat16, block_n=args.block_n,
                        hp_block_n=args.hp_block_n, num_warps=args.num_warps,
                        num_stages=args.num_stages, programs_per_sm=args.programs_per_sm,
-                       maxnreg=args.maxnreg, prefetch=args.prefetch, kv_group=args.kv_group)
+                       maxnreg=args.maxnreg, prefetch=args.prefetch, kv_group=args.kv_group,
+                       int2_group_size=spec.group_size)
     plan_bf16 = plan_decode(batch, hq, hkv, d, max_body_len=0, max_hp_len=ctx, device=device,
                             out_dtype=torch.bfloat16, hp_block_n=args.hp_block_n,
                             num_warps=args.num_warps)

@@ -84,7 +84,8 @@ class DecodeStep:
             lens = lambda: torch.zeros(b, dtype=torch.int32, device=q.device)
             self.tables = KVTables(slots(body_cap), lens(), slots(hp_cap), lens())
             self.plan = plan_decode(b, hq, hkv, d, max_body_len=body_cap, max_hp_len=hp_cap,
-                                    device=q.device, out_dtype=q.dtype)
+                                    device=q.device, out_dtype=q.dtype,
+                                    int2_group_size=store.spec.group_size)
             self._key, self._lens = key, None
         lens = (store.body_len, store.hp_len)
         if lens != self._lens:

@@ -158,7 +158,8 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                 num_warps: int = 4, num_stages: int = 2, num_sms: int | None = None,
                 programs_per_sm: int | None = None,
                 maxnreg: int | None = MAXNREG, prefetch: bool = False,
-                kv_group: int | None = None) -> DecodePlan:
+                kv_group: int | None = None,
+                int2_group_size: int | None = None) -> DecodePlan:
     """Choose split counts so that the (B, Hkv, splits) stage-1 programs fill the GPU with
     ~programs_per_sm resident programs per SM (None: PROGRAMS_PER_SM for the plan's kv_group;
     the INT2 stage is latency bound: it needs many
@@ -168,7 +169,9 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
     double buffer (True) or a plain loop left to Triton's pipeliner (num_stages). kv_group:
     KV heads per INT2 program (None: `choose_kv_group`; stores with several (scale, zero)
-    groups per row always run one head per program)."""
+    groups per row always run one head per program). int2_group_size: the stores'
+    QuantSpec.group_size when known; below head_dim the plan is made for one head per program
+    (the kernel runs so anyway, and the split target must count its programs)."""
     for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
         if n < 16 or n & (n - 1):
             raise OscarError(f"{name} must be a power of two >= 16 (a tl.dot tile), got {n}")
@@ -178,9 +181,14 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     device = torch.device(device)
     g = num_q_heads // num_kv_heads
     block_h = max(16, triton_next_pow2(g))
+    grouped_rows = int2_group_size is not None and int2_group_size < head_dim
+    if grouped_rows and kv_group not in (None, 1):
+        raise OscarError(f"kv_group {kv_group}: INT2 stores with several (scale, zero) groups "
+                         f"per row (group size {int2_group_size} < head_dim {head_dim}) run one "
+                         "KV head per program")
     if kv_group is None:
-        kv_group = choose_kv_group(batch_size, num_q_heads, num_kv_heads, head_dim, block_h,
-                                   max_body_len)
+        kv_group = 1 if grouped_rows else choose_kv_group(
+            batch_size, num_q_heads, num_kv_heads, head_dim, block_h, max_body_len)
     if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
         raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")
@@ -294,7 +302,7 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
     if plan is None:
         plan = plan_decode(b, hq, hkv, d, max_body_len=tables.int2_slots.shape[1],
                            max_hp_len=tables.bf16_slots.shape[1], device=q.device,
-                           out_dtype=q.dtype)
+                           out_dtype=q.dtype, int2_group_size=k_int2.spec.group_size)
     _check(q, k_int2, v_int2, k_bf16, v_bf16, tables, plan)
     if q_rotation is not None:
         if q_rotation.dtype != torch.float32 or tuple(q_rotation.shape) != (d, d):

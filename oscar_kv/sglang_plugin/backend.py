@@ -172,7 +172,7 @@ def int2_backend_class() -> type:
             s, width = self.storage, self.req_to_token.shape[1]
             kw = dict(max_body_len=max(width - s.window.sink_tokens, 0),
                       max_hp_len=hp_table_len(s.window, width), device=self.device,
-                      out_dtype=self.dtype)
+                      out_dtype=self.dtype, int2_group_size=s.spec.group_size)
             plan = plan_decode(bs, self.num_q_heads, s.num_kv_heads, s.head_dim, **kw)
             if plan.hp_splits > self.hp_max_splits:
                 plan = plan_decode(bs, self.num_q_heads, s.num_kv_heads, s.head_dim,

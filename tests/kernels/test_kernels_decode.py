@@ -328,6 +328,18 @@ def test_plan_split_target_follows_kv_group_occupancy():
     assert p.hp_splits == _splits(32768, 64, 4 * 132, 128)
 
 
+def test_plan_with_grouped_rows_counts_one_head_per_program():
+    """Stores with several (scale, zero) groups per row run one KV head per program, so the
+    plan must be made (splits, split target) for that; an explicit larger kv_group is refused."""
+    kw = dict(max_body_len=131072, max_hp_len=320, device="cpu", num_sms=132)
+    p = plan_decode(8, 32, 8, 256, int2_group_size=128, **kw)
+    assert p.kv_group == 1
+    assert p.int2_splits == plan_decode(8, 32, 8, 256, kv_group=1, **kw).int2_splits
+    assert plan_decode(8, 32, 8, 256, int2_group_size=256, **kw).kv_group == 2
+    with pytest.raises(OscarError, match="one\nKV head|one KV head"):
+        plan_decode(8, 32, 8, 256, int2_group_size=64, kv_group=2, **kw)
+
+
 def test_plan_rejects_bad_kv_group():
     with pytest.raises(OscarError, match="kv_group"):
         plan_decode(1, 32, 8, 128, max_body_len=10, max_hp_len=10, device="cpu", kv_group=3)
