@@ -19,9 +19,9 @@ case "${1:?phase: kernels | decode | serving | capture}" in
   kernels)
     stage c1
     # the one-split 128K accuracy (plain vs centered codes) prints with -s
-    PYTHONPATH=$PWD timeout 240 python3 -m pytest -q -s -m gpu tests/kernels -p no:cacheprovider \
+    PYTHONPATH=$PWD timeout 300 python3 -m pytest -q -s -m gpu tests/kernels -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "one split|passed|failed|Error" ;
-    PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_decode.py --context 4096 32768 131072 \
+    PYTHONPATH=$PWD timeout 250 python3 benchmarks/bench_decode.py --context 4096 32768 131072 \
       --batch 1 8 32 --centered --no-flashinfer --out "$OUT/decode_centered" 2>&1 \
       | tee "$OUT/bench_decode_centered.log" | tail -25 ;;
   decode)
