@@ -39,10 +39,14 @@ case "${1:?phase: kernels | decode | serving | capture}" in
       --max-batch-int2 64 --log-level info --out "$OUT/serving" 2>&1 \
       | grep -v "it/s\]" > "$OUT/serving.log"; tail -40 "$OUT/serving.log" ;;
   capture)
-    PYTHONPATH=/tmp/ov:/tmp/site:$PWD timeout 400 python3 scripts/sglang_capture_check.py \
+    PYTHONPATH=/tmp/ov:/tmp/site:$PWD timeout 300 python3 scripts/sglang_capture_check.py \
       --model .carry/tiny --out "$OUT/capture" 2>&1 | tail -40
     # the write kernel's fused rotation on tensor cores (3xTF32) vs the exact fp32 dot
     PYTHONPATH=$PWD timeout 90 python3 benchmarks/bench_write.py --also-precision tf32x3 tf32 \
-      --out "$OUT/write" 2>&1 | tail -24 ;;
+      --out "$OUT/write" 2>&1 | tail -24
+    # FlashInfer BF16 decode as a third baseline: flashinfer-python is in the staged wheels
+    # (JIT-compiled with nvcc on first use; cut at 150 s if the build is slower)
+    PYTHONPATH=/tmp/site:$PWD timeout 150 python3 benchmarks/bench_decode.py --context 32768 \
+      131072 --batch 8 --out "$OUT/decode_flashinfer" 2>&1 | tail -8 ;;
   *) echo "unknown phase $1" >&2; exit 2 ;;
 esac
