@@ -51,74 +51,41 @@ def _operand(x, DOT: tl.constexpr, EMU: tl.constexpr):
         return x.to(DOT)
 
 
-_UNPACK_ASM = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3, one, off;
-    mov.b32 one, 0x3F803F80;
-    mov.b32 off, 0xC300C300;
-    and.b32 t0, $8, 0x03030303;
-    shr.u32 t1, $8, 2;
-    and.b32 t1, t1, 0x03030303;
-    shr.u32 t2, $8, 4;
-    and.b32 t2, t2, 0x03030303;
-    shr.u32 t3, $8, 6;
-    and.b32 t3, t3, 0x03030303;
-    prmt.b32 $0, t0, 0x43434343, 0x5140;
-    prmt.b32 $1, t0, 0x43434343, 0x7362;
-    prmt.b32 $2, t1, 0x43434343, 0x5140;
-    prmt.b32 $3, t1, 0x43434343, 0x7362;
-    prmt.b32 $4, t2, 0x43434343, 0x5140;
-    prmt.b32 $5, t2, 0x43434343, 0x7362;
-    prmt.b32 $6, t3, 0x43434343, 0x5140;
-    prmt.b32 $7, t3, 0x43434343, 0x7362;
-    fma.rn.bf16x2 $0, $0, one, off;
-    fma.rn.bf16x2 $1, $1, one, off;
-    fma.rn.bf16x2 $2, $2, one, off;
-    fma.rn.bf16x2 $3, $3, one, off;
-    fma.rn.bf16x2 $4, $4, one, off;
-    fma.rn.bf16x2 $5, $5, one, off;
-    fma.rn.bf16x2 $6, $6, one, off;
-    fma.rn.bf16x2 $7, $7, one, off;
-    }""")
+def _unpack_asm(bit: int, mul: int, add: int) -> tl.constexpr:
+    """PTX for 4 packed bytes ($8) -> the 4 fields' codes as 8 bf16x2 registers ($2k, $2k+1:
+    field k of bytes 0, 1 | 2, 3). Shift/and leave field k of every byte at bits bit, bit+1;
+    PRMT makes each byte the low byte of a bf16 with high byte 0x43 (128 + c * 2^bit); one
+    bf16x2 FMA per register then computes x * mul + add (mul, add: bf16 bit patterns)."""
+    mask = f"0x{0x03030303 << bit:08X}"
+    lines = ["{", ".reg .b32 t0, t1, t2, t3, mul, add;", f"mov.b32 mul, 0x{mul:04X}{mul:04X};",
+             f"mov.b32 add, 0x{add:04X}{add:04X};"]
+    for k in range(4):
+        shift = 2 * k - bit
+        if shift == 0:
+            lines.append(f"and.b32 t{k}, $8, {mask};")
+        else:
+            op = f"shr.u32 t{k}, $8, {shift}" if shift > 0 else f"shl.b32 t{k}, $8, {-shift}"
+            lines += [f"{op};", f"and.b32 t{k}, t{k}, {mask};"]
+    for k in range(4):
+        lines += [f"prmt.b32 ${2 * k}, t{k}, 0x43434343, 0x5140;",
+                  f"prmt.b32 ${2 * k + 1}, t{k}, 0x43434343, 0x7362;"]
+    lines += [f"fma.rn.bf16x2 ${r}, ${r}, mul, add;" for r in range(8)]
+    return tl.constexpr("\n    ".join(lines) + "\n    }")
 
+
+# Codes 0..3: bf16 128 + c, then (128 + c) * 1 - 128 (bf16 1.0 = 0x3F80, -128 = 0xC300).
+_UNPACK_ASM = _unpack_asm(bit=0, mul=0x3F80, add=0xC300)
 # CENTER: codes c - 1.5 (+-0.5, +-1.5, exact bf16) so that the dots' accumulators hold
 # sum(w (c - 1.5)), which does not grow with the split like sum(w c) does. Each code goes to
-# mantissa bit 1 (bf16 128 + 2c), then one bf16x2 FMA: (128 + 2c) * 0.5 - 65.5 = c - 1.5, every
-# constant and result exact in bf16 (65.5 = 1.0000011b x 2^6). sm_90 SASS of the main loop
-# (scripts/sass_stats.py --set CENTER=1): +4.6 % instructions at 1 KV head per program, -0.3 %
-# at 4.
-_UNPACK_ASM_CENTERED = tl.constexpr("""{
-    .reg .b32 t0, t1, t2, t3, half, off;
-    mov.b32 half, 0x3F003F00;
-    mov.b32 off, 0xC283C283;
-    shl.b32 t0, $8, 1;
-    and.b32 t0, t0, 0x06060606;
-    shr.u32 t1, $8, 1;
-    and.b32 t1, t1, 0x06060606;
-    shr.u32 t2, $8, 3;
-    and.b32 t2, t2, 0x06060606;
-    shr.u32 t3, $8, 5;
-    and.b32 t3, t3, 0x06060606;
-    prmt.b32 $0, t0, 0x43434343, 0x5140;
-    prmt.b32 $1, t0, 0x43434343, 0x7362;
-    prmt.b32 $2, t1, 0x43434343, 0x5140;
-    prmt.b32 $3, t1, 0x43434343, 0x7362;
-    prmt.b32 $4, t2, 0x43434343, 0x5140;
-    prmt.b32 $5, t2, 0x43434343, 0x7362;
-    prmt.b32 $6, t3, 0x43434343, 0x5140;
-    prmt.b32 $7, t3, 0x43434343, 0x7362;
-    fma.rn.bf16x2 $0, $0, half, off;
-    fma.rn.bf16x2 $1, $1, half, off;
-    fma.rn.bf16x2 $2, $2, half, off;
-    fma.rn.bf16x2 $3, $3, half, off;
-    fma.rn.bf16x2 $4, $4, half, off;
-    fma.rn.bf16x2 $5, $5, half, off;
-    fma.rn.bf16x2 $6, $6, half, off;
-    fma.rn.bf16x2 $7, $7, half, off;
-    }""")
+# mantissa bit 1 (bf16 128 + 2c), then (128 + 2c) * 0.5 - 65.5 = c - 1.5, every constant and
+# result exact in bf16 (0.5 = 0x3F00, -65.5 = 0xC283 = -1.0000011b x 2^6). sm_90 SASS of the
+# main loop (scripts/sass_stats.py --set CENTER=1): +4.6 % instructions at 1 KV head per
+# program, -0.3 % at 4.
+_UNPACK_ASM_CENTERED = _unpack_asm(bit=1, mul=0x3F00, add=0xC283)
 
 
 @triton.jit
-def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr = False):
+def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
     """Packed bytes -> the four quarter tensors of exact codes 0..3, one per 2-bit field.
 
     MAGIC 2 (GPU default): one inline asm over 4 packed bytes per register: shift/and, PRMT
@@ -130,22 +97,22 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr = False):
     CENTER: c - 1.5 instead of c (exact in every variant; `_UNPACK_ASM_CENTERED`)."""
     off: tl.constexpr = 1.5 if CENTER else 0.0
     if MAGIC == 1:
-        c0 = ((word & 3).to(tl.float32) - off).to(tl.bfloat16)
-        c1 = (((word >> 2) & 3).to(tl.float32) - off).to(tl.bfloat16)
-        c2 = (((word >> 4) & 3).to(tl.float32) - off).to(tl.bfloat16)
-        c3 = (((word >> 6) & 3).to(tl.float32) - off).to(tl.bfloat16)
+        if CENTER:  # c - 1.5 is exact in fp32 and in bf16
+            c0 = ((word & 3).to(tl.float32) - off).to(tl.bfloat16)
+            c1 = (((word >> 2) & 3).to(tl.float32) - off).to(tl.bfloat16)
+            c2 = (((word >> 4) & 3).to(tl.float32) - off).to(tl.bfloat16)
+            c3 = (((word >> 6) & 3).to(tl.float32) - off).to(tl.bfloat16)
+        else:
+            c0 = (word & 3).to(tl.bfloat16)
+            c1 = ((word >> 2) & 3).to(tl.bfloat16)
+            c2 = ((word >> 4) & 3).to(tl.bfloat16)
+            c3 = ((word >> 6) & 3).to(tl.bfloat16)
         return c0, c1, c2, c3
     elif MAGIC == 2:
-        if CENTER:
-            return tl.inline_asm_elementwise(
-                _UNPACK_ASM_CENTERED, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
-        else:
-            return tl.inline_asm_elementwise(
-                _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
+        asm: tl.constexpr = _UNPACK_ASM_CENTERED if CENTER else _UNPACK_ASM
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         c0 = (word & 3).to(tl.float32) - off
         c1 = ((word >> 2) & 3).to(tl.float32) - off
@@ -168,7 +135,7 @@ def _softmax_step(qk, m, lsum):
 def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                m, lsum, wz, acc0, acc1, acc2, acc3,
                DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
-               CENTER: tl.constexpr = False):
+               CENTER: tl.constexpr):
     """One tile of the code-domain loop: kb [C, BLOCK_N] and vb [BLOCK_N, C] packed bytes
     (C = KVG * D/4 columns: KVG heads' quarter vectors side by side), ks/kz/vs/vz metadata
     broadcastable to [BLOCK_H, BLOCK_N] (each row sees its own KV head's). Returns the updated
@@ -278,7 +245,7 @@ def _int2_part(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     GQA: tl.constexpr, KVG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
-    IDX64: tl.constexpr, PREFETCH: tl.constexpr, CENTER: tl.constexpr = False,
+    IDX64: tl.constexpr, PREFETCH: tl.constexpr, CENTER: tl.constexpr,
 ):
     """One (scale, zero) per row (group_size == head_dim), in the code domain:
         logit_t = s_t * (q . c_t - z_t * sum(q)),   o = sum_t w_t c_t - sum_t w_t z_t,
