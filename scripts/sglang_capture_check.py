@@ -30,6 +30,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from sglang_device_check import ensure_plugin_entry_point, hf_env  # noqa: E402
+
 CLIPS = ("0.96", "0.92")
 
 
@@ -78,13 +81,6 @@ def commands(args, out: Path) -> dict[str, list[str]]:
     return cmds
 
 
-def hf_env(overlay: list[str] | None) -> dict:
-    drop = {os.path.abspath(p) for p in (overlay or ["/tmp/ov"])}
-    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-            if p and os.path.abspath(p) not in drop]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-
-
 def run(name: str, cmd: list[str], env: dict, out: Path) -> int:
     print(f"== {name}: {shlex.join(cmd)}", flush=True)
     with open(out / f"{name}.log", "w") as log:
@@ -105,9 +101,6 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()):
         sys.exit(f"error: {out} is not empty; give a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO / "scripts"))
-    from sglang_device_check import ensure_plugin_entry_point  # noqa: E402
-
     plugin = ensure_plugin_entry_point(Path(tempfile.mkdtemp(prefix="oscar-capture-check-")))
     cmds, report = commands(args, out), {"args": vars(args), "plugin": plugin, "steps": {}}
     plain, full = hf_env(args.overlay), dict(os.environ)

@@ -87,6 +87,15 @@ def ensure_plugin_entry_point(tmp: Path) -> str:
     return f"dist-info written to {tmp}"
 
 
+def hf_env(overlay: list[str] | None) -> dict:
+    """os.environ for a subprocess on the machine's transformers: PYTHONPATH without the
+    SGLang-only overlay entries (default /tmp/ov)."""
+    drop = {os.path.abspath(p) for p in (overlay or ["/tmp/ov"])}
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.abspath(p) not in drop]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def rotation_files(rot_dir: Path) -> tuple[Path, Path]:
     ks, vs = sorted(rot_dir.glob("k_rotation_*.pt")), sorted(rot_dir.glob("v_rotation_*.pt"))
     if len(ks) != 1 or len(vs) != 1:
@@ -286,10 +295,7 @@ def run_hf_subprocess(args, prompts: dict, results: dict, tmp: Path) -> dict:
     inp = {"model": str(args.model), "rotations": str(args.rotations), "chunk": args.chunk,
            "runs": runs}
     (tmp / "hf_in.json").write_text(json.dumps(inp))
-    drop = [os.path.abspath(p) for p in (args.overlay or ["/tmp/ov"])]
-    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-            if p and os.path.abspath(p) not in drop]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env = hf_env(args.overlay)
     proc = subprocess.run([sys.executable, __file__, "--hf-reference", str(tmp / "hf_in.json"),
                            str(tmp / "hf_out.json")], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
