@@ -30,7 +30,9 @@ MAX_SPLITS = 128
 # 0..3, which grows with the tokens while the output sum(w * (c - z)) does not, and the tensor
 # cores' fp32 accumulation error grows with it: on the H200 (session-4 sweep, batch 32 at 128K)
 # configs with 64K / 43K / 32K tokens per split differed from the 16K-per-split default by
-# 1.6 % / 0.8 % / 0.5 % (relative L2), against 0.2-0.3 % bf16 noise at short splits.
+# 1.6 % / 0.8 % / 0.5 % (relative L2), against 0.2-0.3 % bf16 noise at short splits. The
+# centered codes (the default since 2026-12-02) remove that growth; the cap stays for the
+# "plain" variant and because the swept plans that respect it ran within 3 % of the best.
 SPLIT_MAX_TOKENS = 16384
 # stage-1 programs per SM that the split heuristic aims for, by KV heads per program: the
 # sm_90 builds' occupancy for 1 (168 registers: 3) and 2 heads (242: 2); 4 heads (255 + stack:
@@ -41,8 +43,9 @@ PROGRAMS_PER_SM_DEFAULT = 4
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
 UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
-# "plain" (default): codes 0..3 in the INT2 dots; "centered": codes c - 1.5, whose accumulators
-# do not grow with the split (see SPLIT_MAX_TOKENS). Opt-in until measured on the GPU.
+# "centered" (default): codes c - 1.5 in the INT2 dots, whose accumulators do not grow with the
+# split; "plain": codes 0..3. H200 (2026-12-02, one split over a 128K body): relative error
+# plain 7.2e-4, centered 9.6e-5 (bf16 reference 7.0e-4); decode time 0.96-1.005x plain.
 # Read at every launch (like UNPACK_ENV): a captured CUDA graph keeps the variant it was
 # captured with, so set it for the whole process before any capture.
 CODES_ENV = "OSCAR_KV_INT2_CODES"
@@ -257,9 +260,9 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
     """
     import triton.language as tl
 
-    codes = os.environ.get(CODES_ENV, "plain")
+    codes = os.environ.get(CODES_ENV, "centered")
     if codes not in ("plain", "centered"):
-        raise OscarError(f"{CODES_ENV}={codes!r}; use 'plain' (default) or 'centered'")
+        raise OscarError(f"{CODES_ENV}={codes!r}; use 'centered' (default) or 'plain'")
     center = codes == "centered"
     if interpreting():
         emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")

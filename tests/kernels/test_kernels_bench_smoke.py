@@ -20,15 +20,15 @@ def test_benchmark_smoke(triton_device, tmp_path, name, capsys, load_script):
     assert "GB/s" in capsys.readouterr().out
 
 
-def test_decode_benchmark_times_centered_codes_in_the_same_run(triton_device, tmp_path,
-                                                               load_script):
-    """--centered adds the opt-in codes' time, its ratio to the plain codes of the same run
-    and its error against the same fp32 reference (equal within bf16 noise)."""
+def test_decode_benchmark_times_plain_codes_in_the_same_run(triton_device, tmp_path,
+                                                            load_script):
+    """--plain-codes adds the plain codes' time, its ratio to the default (centered) codes of
+    the same run and its error against the same fp32 reference (equal within bf16 noise)."""
     results = load_script("benchmarks/bench_decode.py").main(
-        ["--smoke", "--centered", "--out", str(tmp_path)])
+        ["--smoke", "--plain-codes", "--out", str(tmp_path)])
     for r in results:
-        c = r["int2_centered"]
-        assert c["ms"] > 0 and c["x_plain"] == pytest.approx(r["int2"]["ms"] / c["ms"])
+        c = r["int2_plain_codes"]
+        assert c["ms"] > 0 and c["x_default"] == pytest.approx(r["int2"]["ms"] / c["ms"])
         assert c["rel_err"] < 1e-2 and abs(c["rel_err"] - r["int2_rel_err"]) < 5e-3
 
 

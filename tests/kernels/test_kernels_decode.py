@@ -82,8 +82,9 @@ def test_kv_groups_block_diagonal(triton_device, kv_group, prefetch):
 
 @pytest.mark.parametrize("kv_group", [1, 4])
 def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
-    """OSCAR_KV_INT2_CODES=centered (codes c - 1.5, zeros z - 1.5) is the same attention: within
-    the bf16 reference's error, and within bf16 noise of the plain codes' output."""
+    """The centered codes (the default: c - 1.5, zeros z - 1.5) are the same attention as
+    OSCAR_KV_INT2_CODES=plain: within the bf16 reference's error, and within bf16 noise of the
+    plain codes' output; an unknown variant is an error."""
     from oscar_kv.kernels.decode import CODES_ENV, EMULATE_ENV, _dot_config
 
     monkeypatch.setenv(EMULATE_ENV, "1")  # interpreter: bf16 operands as on the GPU
@@ -93,15 +94,17 @@ def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
                          kv_group=kv_group)
     run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                                    case.tables, plan=plan(), backend="triton")
+    monkeypatch.setenv(CODES_ENV, "plain")
+    assert _dot_config(case.q, case.k_bf16)["CENTER"] is False
     plain = run()
-    monkeypatch.setenv(CODES_ENV, "centered")
+    monkeypatch.delenv(CODES_ENV)  # the default
     assert _dot_config(case.q, case.k_bf16)["CENTER"] is True
     centered = run()
     _check(case, centered)  # bf16 output: against 2x the bf16 reference's error
     noise = max_err(plain.float().cpu(), reference_outputs(case)["fp64"])
     assert max_err(centered.float().cpu(), plain.float().cpu()) <= 2 * noise
     monkeypatch.setenv(CODES_ENV, "shifted")
-    with pytest.raises(OscarError, match="plain"):
+    with pytest.raises(OscarError, match="centered"):
         run()
 
 
@@ -142,9 +145,9 @@ def test_centered_codes_reach_the_kernel(triton_device, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_centered_codes_hold_one_split_over_128k():
-    """The worst case for the accumulators: one split over a 128K body. Centered codes keep
-    the output within 2x the bf16 reference's error (plain codes 0..3 accumulate sum(w c),
-    which grows with the split; its error is printed for comparison)."""
+    """The worst case for the accumulators: one split over a 128K body. The default (centered)
+    codes keep the output within 2x the bf16 reference's error (plain codes 0..3 accumulate
+    sum(w c), which grows with the split; its error is printed for comparison)."""
     import os
 
     from oscar_kv.kernels.decode import CODES_ENV
@@ -156,10 +159,10 @@ def test_gpu_centered_codes_hold_one_split_over_128k():
     run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                                    case.tables, plan=plan).float()
     refs = reference_outputs(case)
-    plain = max_err(run().cpu(), refs["fp64"])
-    os.environ[CODES_ENV] = "centered"
+    err = _check(case, run())
+    os.environ[CODES_ENV] = "plain"
     try:
-        err = _check(case, run())
+        plain = max_err(run().cpu(), refs["fp64"])
     finally:
         del os.environ[CODES_ENV]
     print(f"one split over 128K: plain {plain:.3g}, centered {err:.3g}, "
