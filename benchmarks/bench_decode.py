@@ -40,7 +40,7 @@ from oscar_kv.kernels import (  # noqa: E402
     plan_decode,
     tables_from_token_slots,
 )
-from oscar_kv.kernels.decode import CODES_ENV, MAXNREG  # noqa: E402
+from oscar_kv.kernels.decode import CODES_ENV, MAXNREG, UNPACK_ENV  # noqa: E402
 from oscar_kv.server_process import scoped_environ  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,15 +187,18 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
         res["speedup_vs_flashinfer"] = res["flashinfer"]["ms"] / res["int2"]["ms"]
     best = min(res[n]["ms"] for n in ("bf16_triton", "sdpa", "flashinfer") if n in res)
     res["speedup_vs_best_bf16"] = best / res["int2"]["ms"]
-    if args.plain_codes:  # the plain codes 0..3, same plan, timed in the same run
-        with scoped_environ({CODES_ENV: "plain"}):
+    variants = [("plain_codes", {CODES_ENV: "plain"})] if args.plain_codes else []
+    variants += [("sub_codes", {UNPACK_ENV: "sub"})] if args.sub_codes else []
+    for name, env in variants:  # other INT2 variants, same plan, timed in the same run
+        with scoped_environ(env):
             ms = bench(ours, device, args.graph, args.reps)
             row = {"ms": ms, "gb_s": n_ours / (ms * 1e-3) / 1e9,
                    "x_default": res["int2"]["ms"] / ms}
             if want is not None:
                 row["rel_err"] = rel_err(ours(), want)
-        res["int2_plain_codes"] = row
-        print(f"    plain codes: {ms:.4f} ms ({row['x_default']:.3f}x the default)"
+        res[f"int2_{name}"] = row
+        print(f"    {name.replace('_', ' ')}: {ms:.4f} ms ({row['x_default']:.3f}x the default's "
+              f"speed), {row['gb_s']:.0f} GB/s"
               + (f", rel err {row['rel_err']:.3g} (default {check['int2_rel_err']:.3g})"
                  if want is not None else ""), flush=True)
     if args.sweep:
@@ -290,6 +293,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the hand-pipelined INT2 loop instead of Triton's pipeliner")
     ap.add_argument("--plain-codes", action="store_true",
                     help="also time the INT2 decode with OSCAR_KV_INT2_CODES=plain")
+    ap.add_argument("--sub-codes", action="store_true",
+                    help="also time the INT2 decode with OSCAR_KV_INT2_UNPACK=sub")
     ap.add_argument("--sweep", action="store_true",
                     help="also time an INT2 config sweep per case and print the best")
     ap.add_argument("--check-max-tokens", type=int, default=1 << 20,

@@ -123,14 +123,18 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--kv-group", type=int, default=1)
     ap.add_argument("--set", action="append", default=[],
-                    help="extra constexpr NAME=VALUE of _int2_part (only passed through "
-                         "the stage-1 kernel when it has that parameter)")
+                    help="extra constexpr NAME=VALUE (ints, True/False, fp16/bf16/fp32) of "
+                         "_int2_part (only passed through the stage-1 kernel when it has that "
+                         "parameter)")
     ap.add_argument("--dump", type=Path, default=None)
     a = ap.parse_args()
     extra = {}
     for kv in a.set:
         name, val = kv.split("=", 1)
-        extra[name] = {"True": True, "False": False}.get(val, int(val) if val.isdigit() else val)
+        import triton.language as tl
+        named = {"True": True, "False": False, "fp16": tl.float16, "bf16": tl.bfloat16,
+                 "fp32": tl.float32}
+        extra[name] = named.get(val, int(val) if val.isdigit() else val)
     k = compile_stage1(a.block_n, a.num_warps, a.num_stages, maxnreg=a.maxnreg,
                        kv_group=a.kv_group, **extra)
     text = sass(k.asm["cubin"])

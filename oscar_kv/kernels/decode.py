@@ -42,7 +42,11 @@ PROGRAMS_PER_SM = {1: 3, 2: 2}
 PROGRAMS_PER_SM_DEFAULT = 4
 EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
-UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"  # GPU: "asm" (default, PRMT inline asm) or "triton"
+# GPU: "asm" (default: PRMT + bf16 FMA inline asm), "triton" (plain conversions) or "sub" (fp16
+# subnormal codes c 4^k 2^-24 from one AND per two codes, fp16 dots; plain codes only; sm_90
+# SASS of the main loop 20-25 % shorter, scripts/sass_stats.py --set MAGIC=3 --set I2DOT=fp16).
+# The interpreter runs "sub" as its fp32 twin (MAGIC 4), everything else as fp32 (MAGIC 0).
+UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"
 # "centered" (default): codes c - 1.5 in the INT2 dots, whose accumulators do not grow with the
 # split; "plain": codes 0..3. H200 (2026-12-02, one split over a 128K body): relative error
 # plain 7.2e-4, centered 9.6e-5 (bf16 reference 7.0e-4); decode time 0.96-1.005x plain.
@@ -260,24 +264,28 @@ def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
     """
     import triton.language as tl
 
-    codes = os.environ.get(CODES_ENV, "centered")
+    unpack = os.environ.get(UNPACK_ENV, "asm")
+    if unpack not in ("asm", "triton", "sub"):
+        raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default), 'triton' or 'sub'")
+    sub = unpack == "sub"
+    codes = os.environ.get(CODES_ENV, "plain" if sub else "centered")
     if codes not in ("plain", "centered"):
         raise OscarError(f"{CODES_ENV}={codes!r}; use 'centered' (default) or 'plain'")
+    if sub and codes == "centered":
+        raise OscarError(f"{UNPACK_ENV}=sub builds the plain codes 0..3 (fp16 subnormals); "
+                         f"unset {CODES_ENV} or set it to 'plain'")
     center = codes == "centered"
     if interpreting():
         emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")
-        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=0, PRECISION="ieee",
-                    CENTER=center)
+        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=4 if sub else 0,
+                    PRECISION="ieee", CENTER=center)
     if k_bf16.dtype == torch.float32 and q.dtype == torch.float32:
         dot, prec = tl.float32, "ieee"
     else:
         dot, prec = (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
-    unpack = os.environ.get(UNPACK_ENV, "asm")
-    if unpack not in ("asm", "triton"):
-        raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default) or 'triton'")
-    magic = 1 if unpack == "triton" else 2
-    return dict(DOT=dot, I2DOT=tl.bfloat16, EMU=False, MAGIC=magic, PRECISION=prec,
-                CENTER=center)
+    magic = {"triton": 1, "asm": 2, "sub": 3}[unpack]
+    return dict(DOT=dot, I2DOT=tl.float16 if sub else tl.bfloat16, EMU=False, MAGIC=magic,
+                PRECISION=prec, CENTER=center)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:

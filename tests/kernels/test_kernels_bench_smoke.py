@@ -22,14 +22,15 @@ def test_benchmark_smoke(triton_device, tmp_path, name, capsys, load_script):
 
 def test_decode_benchmark_times_plain_codes_in_the_same_run(triton_device, tmp_path,
                                                             load_script):
-    """--plain-codes adds the plain codes' time, its ratio to the default (centered) codes of
-    the same run and its error against the same fp32 reference (equal within bf16 noise)."""
+    """--plain-codes / --sub-codes add those variants' times, their ratios to the default
+    (centered) codes of the same run and their errors against the same fp32 reference (equal
+    within bf16 noise)."""
     results = load_script("benchmarks/bench_decode.py").main(
-        ["--smoke", "--plain-codes", "--out", str(tmp_path)])
+        ["--smoke", "--plain-codes", "--sub-codes", "--out", str(tmp_path)])
     for r in results:
-        c = r["int2_plain_codes"]
-        assert c["ms"] > 0 and c["x_default"] == pytest.approx(r["int2"]["ms"] / c["ms"])
-        assert c["rel_err"] < 1e-2 and abs(c["rel_err"] - r["int2_rel_err"]) < 5e-3
+        for c in (r["int2_plain_codes"], r["int2_sub_codes"]):
+            assert c["ms"] > 0 and c["x_default"] == pytest.approx(r["int2"]["ms"] / c["ms"])
+            assert c["rel_err"] < 1e-2 and abs(c["rel_err"] - r["int2_rel_err"]) < 5e-3
 
 
 def test_write_benchmark_times_other_rotation_precisions(triton_device, tmp_path, load_script):

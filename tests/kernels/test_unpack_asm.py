@@ -1,7 +1,8 @@
 """The INT2 unpack inline asm (GPU only: the interpreter runs the plain-Triton branch) checked on
 CPU by executing its PTX text with a small interpreter for the six opcodes it uses. The plain
 variant is the one the H200 GPU tests validated, which pins the PRMT/FMA semantics modelled
-here; the centered variant must give c - 1.5 in the same output order, exactly."""
+here; the centered variant must give c - 1.5 in the same output order, exactly, and the
+subnormal variant (fp16 output, OSCAR_KV_INT2_UNPACK=sub) c 4^k 2^-24 for field k."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from oscar_kv.kernels.triton.decode import _UNPACK_ASM, _UNPACK_ASM_CENTERED
+from oscar_kv.kernels.triton.decode import _UNPACK_ASM, _UNPACK_ASM_CENTERED, _UNPACK_SUB_ASM
 
 
 def _bf16_bits_to_float(h: int) -> float:
@@ -90,3 +91,18 @@ def test_unpack_asm_gives_each_field_in_order(text, offset):
                 h = (out[2 * k + j // 2] >> (16 * (j % 2))) & 0xFFFF
                 code = (w >> (8 * j + 2 * k)) & 3
                 assert _bf16_bits_to_float(h) == code - offset, (hex(w), k, j)
+
+
+def test_unpack_sub_asm_gives_scaled_fp16_fields_in_order():
+    """The fp16 variant: output k holds field k of bytes 0, 1 | 2, 3 as the fp16 value
+    c 4^k 2^-24 (subnormal for 4^k c < 1024: all of them), two PRMTs and one AND per output."""
+    text = _UNPACK_SUB_ASM.value
+    assert len(re.findall(r"prmt\.b32", text)) == 2 and len(re.findall(r"and\.b32", text)) == 8
+    for w in _words():
+        out = run_ptx(text, w)
+        for k in range(4):
+            for j in range(4):
+                h = (out[2 * k + j // 2] >> (16 * (j % 2))) & 0xFFFF
+                value = float(np.array([h], dtype=np.uint16).view(np.float16)[0])
+                code = (w >> (8 * j + 2 * k)) & 3
+                assert value == code * 4.0**k * 2.0**-24, (hex(w), k, j)

@@ -84,6 +84,27 @@ _UNPACK_ASM = _unpack_asm(bit=0, mul=0x3F80, add=0xC300)
 _UNPACK_ASM_CENTERED = _unpack_asm(bit=1, mul=0x3F00, add=0xC283)
 
 
+def _unpack_sub_asm() -> tl.constexpr:
+    """PTX for 4 packed bytes ($8) -> field k of bytes 0, 1 | 2, 3 as fp16x2 ($2k, $2k+1) holding
+    c * 4^k * 2^-24 exactly (fp16 subnormals / small normals built from the bits in place): two
+    PRMTs spread bytes 0, 1 and 2, 3 into the low bytes of the halves, then one AND per field
+    and register (0.625 instructions per code, no FMA). The dots undo 4^k * 2^-24 exactly."""
+    lines = ["{", ".reg .b32 lo, hi;", "prmt.b32 lo, $8, 0x00000000, 0x4140;",
+             "prmt.b32 hi, $8, 0x00000000, 0x4342;"]
+    for k in range(4):
+        mask = f"0x{0x00030003 << (2 * k):08X}"
+        lines += [f"and.b32 ${2 * k}, lo, {mask};", f"and.b32 ${2 * k + 1}, hi, {mask};"]
+    return tl.constexpr("\n    ".join(lines) + "\n    }")
+
+
+_UNPACK_SUB_ASM = _unpack_sub_asm()
+# 2^24 * 4^-k: the exact factor that turns field k's subnormal codes back into c
+SUB_SCALE0 = tl.constexpr(16777216.0)
+SUB_SCALE1 = tl.constexpr(4194304.0)
+SUB_SCALE2 = tl.constexpr(1048576.0)
+SUB_SCALE3 = tl.constexpr(262144.0)
+
+
 @triton.jit
 def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
     """Packed bytes -> the four quarter tensors of exact codes 0..3, one per 2-bit field.
@@ -108,6 +129,16 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
             c2 = ((word >> 4) & 3).to(tl.bfloat16)
             c3 = ((word >> 6) & 3).to(tl.bfloat16)
         return c0, c1, c2, c3
+    elif MAGIC == 4:  # the interpreter's twin of 3: the same values in fp32 (c 4^k 2^-24)
+        c0 = (word & 3).to(tl.float32) * 5.9604644775390625e-08
+        c1 = ((word >> 2) & 3).to(tl.float32) * 2.384185791015625e-07
+        c2 = ((word >> 4) & 3).to(tl.float32) * 9.5367431640625e-07
+        c3 = ((word >> 6) & 3).to(tl.float32) * 3.814697265625e-06
+        return c0, c1, c2, c3
+    elif MAGIC == 3:
+        return tl.inline_asm_elementwise(
+            _UNPACK_SUB_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
     elif MAGIC == 2:
         asm: tl.constexpr = _UNPACK_ASM_CENTERED if CENTER else _UNPACK_ASM
         return tl.inline_asm_elementwise(
@@ -132,7 +163,7 @@ def _softmax_step(qk, m, lsum):
 
 
 @triton.jit
-def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+def _int2_tile(q0, q1, q2, q3, qsum, qscale, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                m, lsum, wz, acc0, acc1, acc2, acc3,
                DOT: tl.constexpr, EMU: tl.constexpr, MAGIC: tl.constexpr,
                CENTER: tl.constexpr):
@@ -147,10 +178,15 @@ def _int2_tile(q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
     raw = tl.dot(q2, kc2, raw)
     raw = tl.dot(q3, kc3, raw)
     ksf = ks.to(tl.float32) * qk_scale
-    qk = (raw - qsum[:, None] * (kz.to(tl.float32) - off)) * ksf
+    # MAGIC 3: q quarter k was scaled by A 4^-k and field k holds c 4^k 2^-24, so raw is
+    # A 2^-24 q.c and qscale = 2^24 / A per row (exact powers of 2); else qscale = 1
+    qk = (raw * qscale[:, None] - qsum[:, None] * (kz.to(tl.float32) - off)) * ksf
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     p, alpha, m, lsum = _softmax_step(qk, m, lsum)
-    w = _operand(p * vs.to(tl.float32), DOT, EMU)
+    if MAGIC == 4:  # fp16 operands as MAGIC 3 has them, held in fp32
+        w = (p * vs.to(tl.float32)).to(tl.float16).to(tl.float32)
+    else:
+        w = _operand(p * vs.to(tl.float32), DOT, EMU)
     # sum of the operand w (as rounded for the dot), so the zero term matches the dots
     wz = wz * alpha + tl.sum(w.to(tl.float32) * (vz.to(tl.float32) - off), axis=1)
     vc0, vc1, vc2, vc3 = _unpack4(vb, MAGIC, CENTER)
@@ -214,6 +250,36 @@ def _load_q_quarters(q_ptr, b, heads, qmask, col_q, stride_qb, stride_qh,
 
 
 @triton.jit
+def _load_q_sub(q_ptr, b, heads, qmask, col_q, stride_qb, stride_qh, D4: tl.constexpr,
+                AS_FP32: tl.constexpr):
+    """The query quarters as fp16 operands for the subnormal codes (MAGIC 3): quarter k is
+    scaled by A 4^-k with A = 2^(15 - e) per row, max|q_row| < 2^e, so every operand is below
+    2^15 in magnitude (no overflow; 11-bit precision down to 2^-21 of the row's max)
+    and field k's codes c 4^k 2^-24 make every product A 2^-24 q c. Returns the operands,
+    qsum = sum of the rounded operands in q units, and qscale = 2^24 / A (both fp32 [BLOCK_H]).
+    """
+    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, qmask, col_q, stride_qb, stride_qh,
+                                      D4, tl.float32, False)
+    qmax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), axis=1), tl.max(tl.abs(q1), axis=1)),
+                      tl.maximum(tl.max(tl.abs(q2), axis=1), tl.max(tl.abs(q3), axis=1)))
+    # exact powers of 2 from the biased exponent be of max|q| (max|q| < 2^(be - 126)):
+    # A = 2^(141 - be), 2^24 / A = 2^(be - 117); be clamped so both stay normal fp32
+    be = tl.minimum(tl.maximum((qmax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 244)
+    a = ((268 - be) << 23).to(tl.float32, bitcast=True)
+    qscale = ((be + 10) << 23).to(tl.float32, bitcast=True)
+    h0 = (q0 * a[:, None]).to(tl.float16)
+    h1 = (q1 * (a * 0.25)[:, None]).to(tl.float16)
+    h2 = (q2 * (a * 0.0625)[:, None]).to(tl.float16)
+    h3 = (q3 * (a * 0.015625)[:, None]).to(tl.float16)
+    qsum = (tl.sum(h0.to(tl.float32), axis=1) + 4.0 * tl.sum(h1.to(tl.float32), axis=1)
+            + 16.0 * tl.sum(h2.to(tl.float32), axis=1)
+            + 64.0 * tl.sum(h3.to(tl.float32), axis=1)) / a
+    if AS_FP32:
+        h0, h1, h2, h3 = h0.to(tl.float32), h1.to(tl.float32), h2.to(tl.float32), h3.to(tl.float32)
+    return h0, h1, h2, h3, qsum, qscale
+
+
+@triton.jit
 def _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, omask, col_q, split, m, lsum, wz,
                     acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
                     stride_lh, D4: tl.constexpr):
@@ -272,11 +338,16 @@ def _int2_part(
     col_head = offs_c // D4  # KV head of column c within the group
     col_q = offs_c % D4
     diag = mask_h[:, None] & (row_head[:, None] == col_head[None, :])
-    q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, diag, col_q, stride_qb, stride_qh,
-                                      D4, DOT, EMU)
-    # sum of the operand q (as rounded for the dot), so the zero term matches the dots
-    qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
-            + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
+    if MAGIC >= 3:
+        q0, q1, q2, q3, qsum, qscale = _load_q_sub(q_ptr, b, heads, diag, col_q, stride_qb,
+                                                   stride_qh, D4, MAGIC == 4)
+    else:
+        q0, q1, q2, q3 = _load_q_quarters(q_ptr, b, heads, diag, col_q, stride_qb, stride_qh,
+                                          D4, DOT, EMU)
+        # sum of the operand q (as rounded for the dot), so the zero term matches the dots
+        qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
+                + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
+        qscale = tl.full([BLOCK_H], 1.0, tl.float32)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lsum = tl.zeros([BLOCK_H], tl.float32)
@@ -307,7 +378,7 @@ def _int2_part(
                 col_k, col_v, meta_k, meta_v, mask_h,
                 stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
-                q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+                q0, q1, q2, q3, qsum, qscale, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                 m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC, CENTER)
     else:
         slot, mask_n = _load_slots(slot_row, start, offs, end, IDX64)
@@ -326,11 +397,16 @@ def _int2_part(
                 col_k, col_v, meta_k, meta_v, mask_h,
                 stride_kpn, stride_ksn, stride_vpn, stride_vsn, KVG)
             m, lsum, wz, acc0, acc1, acc2, acc3 = _int2_tile(
-                q0, q1, q2, q3, qsum, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
+                q0, q1, q2, q3, qsum, qscale, kb, vb, ks, kz, vs, vz, mask_n, qk_scale,
                 m, lsum, wz, acc0, acc1, acc2, acc3, DOT, EMU, MAGIC, CENTER)
             kb, vb, ks, kz, vs, vz = kb_n, vb_n, ks_n, kz_n, vs_n, vz_n
             slot_n = slot_nn
 
+    if MAGIC >= 3:  # the V fields' codes c 4^k 2^-24 back to c (exact power-of-2 scaling)
+        acc0 = acc0 * SUB_SCALE0
+        acc1 = acc1 * SUB_SCALE1
+        acc2 = acc2 * SUB_SCALE2
+        acc3 = acc3 * SUB_SCALE3
     _store_quarters(mid_o_ptr, mid_lse_ptr, b, heads, mask_h, diag, col_q, split, m, lsum, wz,
                     acc0, acc1, acc2, acc3, stride_ob, stride_oh, stride_os, stride_lb,
                     stride_lh, D4)
