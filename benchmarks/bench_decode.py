@@ -40,7 +40,7 @@ from oscar_kv.kernels import (  # noqa: E402
     plan_decode,
     tables_from_token_slots,
 )
-from oscar_kv.kernels.decode import CODES_ENV, MAXNREG, UNPACK_ENV  # noqa: E402
+from oscar_kv.kernels.decode import CODE_VARIANTS, CODES_ENV, MAXNREG  # noqa: E402
 from oscar_kv.server_process import scoped_environ  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -171,6 +171,7 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
     n_bf16 = bytes_mixed(batch, 0, ctx, hq, hkv, d, spec, 0)
     res = {"batch": batch, "context": ctx, "body_tokens": body, "bf16_tokens": hp,
            "int2_splits": plan.int2_splits, "kv_group": plan.kv_group,
+           "block_n": plan.block_n, "num_stages": plan.num_stages,
            "hp_splits": plan.hp_splits, "bf16_splits": plan_bf16.hp_splits, **check}
     cases = [("int2", ours, n_ours), ("bf16_triton", base, n_bf16), ("sdpa", sdpa, n_bf16)]
     if fi is not None:
@@ -187,10 +188,9 @@ def run_case(args, batch: int, ctx: int, device: str, gen: torch.Generator) -> d
         res["speedup_vs_flashinfer"] = res["flashinfer"]["ms"] / res["int2"]["ms"]
     best = min(res[n]["ms"] for n in ("bf16_triton", "sdpa", "flashinfer") if n in res)
     res["speedup_vs_best_bf16"] = best / res["int2"]["ms"]
-    variants = [("plain_codes", {CODES_ENV: "plain"})] if args.plain_codes else []
-    variants += [("sub_codes", {UNPACK_ENV: "sub"})] if args.sub_codes else []
-    for name, env in variants:  # other INT2 variants, same plan, timed in the same run
-        with scoped_environ(env):
+    for codes in args.also_codes:  # other INT2 code variants, same plan, same run
+        name = f"{codes}_codes"
+        with scoped_environ({CODES_ENV: codes}):
             ms = bench(ours, device, args.graph, args.reps)
             row = {"ms": ms, "gb_s": n_ours / (ms * 1e-3) / 1e9,
                    "x_default": res["int2"]["ms"] / ms}
@@ -214,7 +214,8 @@ SWEEP = [(128, 4, 3, 1, False, 2), (128, 4, 4, 1, False, 2), (64, 4, 2, 4, False
          (64, 4, 2, 4, False, 3), (32, 4, 3, 4, False, 2), (32, 4, 3, 4, False, 3),
          (32, 4, 4, 4, False, 3), (64, 8, 1, 4, False, 2), (128, 8, 1, 4, False, 2),
          (64, 4, 3, 2, False, 2), (128, 4, 2, 2, False, 2), (64, 4, 2, 4, True, 1),
-         (128, 4, 4, 2, False, 2), (128, 4, 4, 4, False, 2)]
+         (128, 4, 4, 2, False, 2), (128, 4, 4, 4, False, 2), (128, 4, 2, 4, False, 3),
+         (64, 4, 3, 4, False, 3), (64, 4, 2, 2, False, 3)]
 
 
 def sweep(args, q, k_int2, v_int2, k_bf16, v_bf16, mixed, want, nbytes, bf16_ms,
@@ -278,10 +279,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sink-tokens", type=int, default=64)
     ap.add_argument("--recent-tokens", type=int, default=256)
     ap.add_argument("--flush-block", type=int, default=8)
-    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=None, help="default: plan_decode's")
     ap.add_argument("--hp-block-n", type=int, default=64)
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--num-stages", type=int, default=None, help="default: plan_decode's")
     ap.add_argument("--programs-per-sm", type=int, default=None,
                     help="split target per SM (default: by KV heads per program, see "
                          "oscar_kv.kernels.decode.PROGRAMS_PER_SM)")
@@ -291,10 +292,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="KV heads per INT2 program (default: plan_decode's choice)")
     ap.add_argument("--prefetch", action="store_true",
                     help="the hand-pipelined INT2 loop instead of Triton's pipeliner")
-    ap.add_argument("--plain-codes", action="store_true",
-                    help="also time the INT2 decode with OSCAR_KV_INT2_CODES=plain")
-    ap.add_argument("--sub-codes", action="store_true",
-                    help="also time the INT2 decode with OSCAR_KV_INT2_UNPACK=sub")
+    ap.add_argument("--also-codes", nargs="*", default=[], choices=CODE_VARIANTS,
+                    help="also time the INT2 decode with these OSCAR_KV_INT2_CODES variants "
+                         "(the plan made for the default)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time an INT2 config sweep per case and print the best")
     ap.add_argument("--check-max-tokens", type=int, default=1 << 20,

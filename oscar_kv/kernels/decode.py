@@ -40,19 +40,36 @@ SPLIT_MAX_TOKENS = 16384
 # 8 / 32K 0.213 ms aiming at 3 vs 0.284 at 4; 2 heads at batch 1 / 32K 0.0385 vs 0.0446)
 PROGRAMS_PER_SM = {1: 3, 2: 2}
 PROGRAMS_PER_SM_DEFAULT = 4
-EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"  # interpreter only: round dot operands to bf16
+# the "sub" codes at 4 KV heads per program: BLOCK_N 64 with 3 pipeline stages, aiming at 2
+# programs per SM (H200 sweep 2026-12-02 at 32K: batch 8 0.1432 ms vs 0.1555 with the
+# BLOCK_N 128 / 2 stages / 4 per SM plan; batch 32 0.5179 vs 0.5315)
+SUB_KVG4_TILE = {"block_n": 64, "num_stages": 3, "programs_per_sm": 2}
+# interpreter only: round the dot operands as the GPU does (bf16; fp16 for the "sub" codes)
+EMULATE_ENV = "OSCAR_KV_EMULATE_BF16_DOT"
 MAXNREG = None  # stage-1 register cap (GPU only); None = the compiler's choice
-# GPU: "asm" (default: PRMT + bf16 FMA inline asm), "triton" (plain conversions) or "sub" (fp16
-# subnormal codes c 4^k 2^-24 from one AND per two codes, fp16 dots; plain codes only; sm_90
-# SASS of the main loop 20-25 % shorter, scripts/sass_stats.py --set MAGIC=3 --set I2DOT=fp16).
-# The interpreter runs "sub" as its fp32 twin (MAGIC 4), everything else as fp32 (MAGIC 0).
-UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"
-# "centered" (default): codes c - 1.5 in the INT2 dots, whose accumulators do not grow with the
-# split; "plain": codes 0..3. H200 (2026-12-02, one split over a 128K body): relative error
-# plain 7.2e-4, centered 9.6e-5 (bf16 reference 7.0e-4); decode time 0.96-1.005x plain.
-# Read at every launch (like UNPACK_ENV): a captured CUDA graph keeps the variant it was
-# captured with, so set it for the whole process before any capture.
+# The INT2 code operands of the dots (read at every launch and by plan_decode; a captured CUDA
+# graph keeps the variant it was captured with, so set it for the whole process):
+#   "sub" (default): fp16 subnormals c 4^k 2^-24 built by one AND per two codes, fp16 q (a
+#       power-of-2 scale per row) and softmax weights. sm_90 main loop 20-25 % fewer SASS
+#       instructions than "centered"; H200 (2026-12-02): 1.08-1.19x its speed at >= 32K, rel
+#       err 0.0017-0.0020 vs 0.0022 (fp16 carries 3 more bits than bf16).
+#   "centered": bf16 codes c - 1.5, whose accumulators do not grow with the split (one split
+#       over a 128K body: rel err 9.6e-5 vs 7.2e-4 for "plain", bf16 reference 7.0e-4).
+#   "plain": bf16 codes 0..3.
+# "sub" and "plain" accumulate sum(w c), hence SPLIT_MAX_TOKENS.
 CODES_ENV = "OSCAR_KV_INT2_CODES"
+CODE_VARIANTS = ("sub", "centered", "plain")
+# how the bf16 variants build their codes: "asm" (default: PRMT + one bf16x2 FMA per two
+# codes) or "triton" (plain conversions)
+UNPACK_ENV = "OSCAR_KV_INT2_UNPACK"
+
+
+def int2_codes() -> str:
+    """The INT2 code variant from OSCAR_KV_INT2_CODES (default "sub"); unknown values raise."""
+    codes = os.environ.get(CODES_ENV, "sub")
+    if codes not in CODE_VARIANTS:
+        raise OscarError(f"{CODES_ENV}={codes!r}; use 'sub' (default), 'centered' or 'plain'")
+    return codes
 
 
 @dataclass
@@ -161,8 +178,8 @@ def choose_kv_group(batch_size: int, num_q_heads: int, num_kv_heads: int, head_d
 def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, *,
                 max_body_len: int, max_hp_len: int, device: torch.device | str = "cuda",
                 out_dtype: torch.dtype = torch.bfloat16, int2_splits: int | None = None,
-                hp_splits: int | None = None, block_n: int = 128, hp_block_n: int = 64,
-                num_warps: int = 4, num_stages: int = 2, num_sms: int | None = None,
+                hp_splits: int | None = None, block_n: int | None = None, hp_block_n: int = 64,
+                num_warps: int = 4, num_stages: int | None = None, num_sms: int | None = None,
                 programs_per_sm: int | None = None,
                 maxnreg: int | None = MAXNREG, prefetch: bool = False,
                 kv_group: int | None = None,
@@ -176,12 +193,11 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     compiler's choice, ~168 -> 3 per SM). prefetch: the INT2 loop's hand-made register
     double buffer (True) or a plain loop left to Triton's pipeliner (num_stages). kv_group:
     KV heads per INT2 program (None: `choose_kv_group`; stores with several (scale, zero)
-    groups per row always run one head per program). int2_group_size: the stores'
+    groups per row always run one head per program). block_n / num_stages / programs_per_sm
+    None: SUB_KVG4_TILE for the default "sub" codes at 4 KV heads per program, else 128 / 2 /
+    PROGRAMS_PER_SM. int2_group_size: the stores'
     QuantSpec.group_size when known; below head_dim the plan is made for one head per program
     (the kernel runs so anyway, and the split target must count its programs)."""
-    for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
-        if n < 16 or n & (n - 1):
-            raise OscarError(f"{name} must be a power of two >= 16 (a tl.dot tile), got {n}")
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise OscarError(f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads "
                          f"{num_kv_heads}")
@@ -199,6 +215,16 @@ def plan_decode(batch_size: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     if kv_group < 1 or num_kv_heads % kv_group or kv_group * g > block_h:
         raise OscarError(f"kv_group {kv_group} must divide num_kv_heads {num_kv_heads} and "
                          f"fit kv_group * GQA ({g}) query rows in {block_h}")
+    tuned = SUB_KVG4_TILE if kv_group == 4 and int2_codes() == "sub" else None
+    if block_n is None:
+        block_n = tuned["block_n"] if tuned else 128
+    if num_stages is None:
+        num_stages = tuned["num_stages"] if tuned else 2
+    if programs_per_sm is None and tuned and max_body_len > 0:
+        programs_per_sm = tuned["programs_per_sm"]
+    for name, n in (("block_n", block_n), ("hp_block_n", hp_block_n)):
+        if n < 16 or n & (n - 1):
+            raise OscarError(f"{name} must be a power of two >= 16 (a tl.dot tile), got {n}")
     if programs_per_sm is None:  # a BF16-only plan (no INT2 body) keeps the default
         programs_per_sm = (PROGRAMS_PER_SM.get(kv_group, PROGRAMS_PER_SM_DEFAULT)
                            if max_body_len > 0 else PROGRAMS_PER_SM_DEFAULT)
@@ -257,33 +283,34 @@ def _check(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Store, k_bf16: torch.
 def _dot_config(q: torch.Tensor, k_bf16: torch.Tensor) -> dict:
     """Constexprs for the dot operands.
 
-    GPU: the INT2 tier multiplies exact bf16 codes (built from their bits, MAGIC) by bf16 q and
-    bf16 softmax weights on tensor cores with fp32 accumulation; the BF16 tier uses the store's
-    dtype. Interpreter (whose bf16 dot is wrong): fp32 operands; with OSCAR_KV_EMULATE_BF16_DOT=1
-    they are first rounded to bf16 (EMU), which reproduces the GPU's bf16-operand numerics.
+    GPU: the INT2 tier multiplies exact codes (built from their bits, MAGIC: fp16 subnormals
+    for "sub", else bf16) by q and softmax weights of the same dtype on tensor cores with fp32
+    accumulation; the BF16 tier uses the store's dtype. Interpreter (whose bf16 dot is wrong):
+    fp32 operands; with OSCAR_KV_EMULATE_BF16_DOT=1 they are first rounded as on the GPU (EMU:
+    bf16; MAGIC 4 for "sub": fp16 q and weights, the same code values), which reproduces the
+    GPU's operand numerics.
     """
     import triton.language as tl
 
-    unpack = os.environ.get(UNPACK_ENV, "asm")
-    if unpack not in ("asm", "triton", "sub"):
-        raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default), 'triton' or 'sub'")
-    sub = unpack == "sub"
-    codes = os.environ.get(CODES_ENV, "plain" if sub else "centered")
-    if codes not in ("plain", "centered"):
-        raise OscarError(f"{CODES_ENV}={codes!r}; use 'centered' (default) or 'plain'")
-    if sub and codes == "centered":
-        raise OscarError(f"{UNPACK_ENV}=sub builds the plain codes 0..3 (fp16 subnormals); "
-                         f"unset {CODES_ENV} or set it to 'plain'")
-    center = codes == "centered"
+    codes = int2_codes()
+    unpack = os.environ.get(UNPACK_ENV)
+    if unpack not in (None, "asm", "triton"):
+        raise OscarError(f"{UNPACK_ENV}={unpack!r}; use 'asm' (default) or 'triton'")
+    if codes == "sub" and unpack is not None:
+        raise OscarError(f"{UNPACK_ENV} chooses how the bf16 codes are built; the default "
+                         f"{CODES_ENV}=sub has one build. Set {CODES_ENV}=centered or plain "
+                         f"with it, or unset {UNPACK_ENV}")
+    sub, center = codes == "sub", codes == "centered"
     if interpreting():
+        # fp32 operands; EMU: round them as the GPU does (bf16, or the sub codes' fp16 twin)
         emu = os.environ.get(EMULATE_ENV, "0") not in ("", "0")
-        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=4 if sub else 0,
+        return dict(DOT=tl.float32, I2DOT=tl.float32, EMU=emu, MAGIC=4 if sub and emu else 0,
                     PRECISION="ieee", CENTER=center)
     if k_bf16.dtype == torch.float32 and q.dtype == torch.float32:
         dot, prec = tl.float32, "ieee"
     else:
         dot, prec = (tl.float16 if k_bf16.dtype == torch.float16 else tl.bfloat16), None
-    magic = {"triton": 1, "asm": 2, "sub": 3}[unpack]
+    magic = 3 if sub else 1 if unpack == "triton" else 2
     return dict(DOT=dot, I2DOT=tl.float16 if sub else tl.bfloat16, EMU=False, MAGIC=magic,
                 PRECISION=prec, CENTER=center)
 
@@ -329,8 +356,9 @@ def decode_attention_triton(q: torch.Tensor, k_int2: Int2Store, v_int2: Int2Stor
     from oscar_kv.kernels.triton.decode import _decode_merge_kernel, _decode_stage1_kernel
 
     cfg = _dot_config(q, k_bf16)
-    if cfg["MAGIC"] == 2 and (d // 4) * plan.block_n < 4 * 32 * plan.num_warps:
-        cfg["MAGIC"] = 1  # the asm takes 4 codes bytes per thread and register
+    if cfg["MAGIC"] in (2, 3) and (d // 4) * plan.block_n < 4 * 32 * plan.num_warps:
+        # the asm takes 4 code bytes per thread and register: the same codes without it
+        cfg["MAGIC"] = {2: 1, 3: 5}[cfg["MAGIC"]]
     g = hq // hkv
     mo, ml = plan.mid_o, plan.mid_lse
     s1, s2 = plan.int2_splits, plan.hp_splits

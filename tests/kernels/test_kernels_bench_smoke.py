@@ -20,15 +20,14 @@ def test_benchmark_smoke(triton_device, tmp_path, name, capsys, load_script):
     assert "GB/s" in capsys.readouterr().out
 
 
-def test_decode_benchmark_times_plain_codes_in_the_same_run(triton_device, tmp_path,
+def test_decode_benchmark_times_other_codes_in_the_same_run(triton_device, tmp_path,
                                                             load_script):
-    """--plain-codes / --sub-codes add those variants' times, their ratios to the default
-    (centered) codes of the same run and their errors against the same fp32 reference (equal
-    within bf16 noise)."""
+    """--also-codes adds other code variants' times, their ratios to the default (sub) codes of
+    the same run and their errors against the same fp32 reference (equal within bf16 noise)."""
     results = load_script("benchmarks/bench_decode.py").main(
-        ["--smoke", "--plain-codes", "--sub-codes", "--out", str(tmp_path)])
+        ["--smoke", "--also-codes", "plain", "centered", "--out", str(tmp_path)])
     for r in results:
-        for c in (r["int2_plain_codes"], r["int2_sub_codes"]):
+        for c in (r["int2_plain_codes"], r["int2_centered_codes"]):
             assert c["ms"] > 0 and c["x_default"] == pytest.approx(r["int2"]["ms"] / c["ms"])
             assert c["rel_err"] < 1e-2 and abs(c["rel_err"] - r["int2_rel_err"]) < 5e-3
 

@@ -82,9 +82,9 @@ def test_kv_groups_block_diagonal(triton_device, kv_group, prefetch):
 
 @pytest.mark.parametrize("kv_group", [1, 4])
 def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
-    """The centered codes (the default: c - 1.5, zeros z - 1.5) are the same attention as
-    OSCAR_KV_INT2_CODES=plain: within the bf16 reference's error, and within bf16 noise of the
-    plain codes' output; an unknown variant is an error."""
+    """OSCAR_KV_INT2_CODES=centered (c - 1.5, zeros z - 1.5) is the same attention as
+    plain: within the bf16 reference's error, and within bf16 noise of the plain codes'
+    output; an unknown variant is an error."""
     from oscar_kv.kernels.decode import CODES_ENV, EMULATE_ENV, _dot_config
 
     monkeypatch.setenv(EMULATE_ENV, "1")  # interpreter: bf16 operands as on the GPU
@@ -97,7 +97,7 @@ def test_centered_codes_match_reference(triton_device, monkeypatch, kv_group):
     monkeypatch.setenv(CODES_ENV, "plain")
     assert _dot_config(case.q, case.k_bf16)["CENTER"] is False
     plain = run()
-    monkeypatch.delenv(CODES_ENV)  # the default
+    monkeypatch.setenv(CODES_ENV, "centered")
     assert _dot_config(case.q, case.k_bf16)["CENTER"] is True
     centered = run()
     _check(case, centered)  # bf16 output: against 2x the bf16 reference's error
@@ -145,9 +145,10 @@ def test_centered_codes_reach_the_kernel(triton_device, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_centered_codes_hold_one_split_over_128k():
-    """The worst case for the accumulators: one split over a 128K body. The default (centered)
-    codes keep the output within 2x the bf16 reference's error (plain codes 0..3 accumulate
-    sum(w c), which grows with the split; its error is printed for comparison)."""
+    """The worst case for the accumulators: one split over a 128K body. The centered codes
+    keep the output within 2x the bf16 reference's error; the plain bf16 and the default sub
+    codes accumulate sum(w c), which grows with the split (the plan caps splits at
+    SPLIT_MAX_TOKENS): their errors are printed for comparison."""
     import os
 
     from oscar_kv.kernels.decode import CODES_ENV
@@ -159,13 +160,15 @@ def test_gpu_centered_codes_hold_one_split_over_128k():
     run = lambda: decode_attention(case.q, case.k_int2, case.v_int2, case.k_bf16, case.v_bf16,
                                    case.tables, plan=plan).float()
     refs = reference_outputs(case)
-    err = _check(case, run())
-    os.environ[CODES_ENV] = "plain"
+    sub = max_err(run().cpu(), refs["fp64"])
     try:
+        os.environ[CODES_ENV] = "plain"
         plain = max_err(run().cpu(), refs["fp64"])
+        os.environ[CODES_ENV] = "centered"
+        err = _check(case, run())
     finally:
         del os.environ[CODES_ENV]
-    print(f"one split over 128K: plain {plain:.3g}, centered {err:.3g}, "
+    print(f"one split over 128K: plain {plain:.3g}, centered {err:.3g}, sub (default) {sub:.3g}, "
           f"bf16 reference {max_err(refs['bf16'], refs['fp64']):.3g}")
 
 
@@ -209,6 +212,7 @@ def test_bf16_operand_numerics_emulated(triton_device, monkeypatch, group):
     if triton_device == "cuda":
         pytest.skip("the GPU runs bf16 operands natively (test_gpu_sweep)")
     monkeypatch.setenv("OSCAR_KV_EMULATE_BF16_DOT", "1")
+    monkeypatch.setenv("OSCAR_KV_INT2_CODES", "plain")  # the bf16 codes (sub: its own tests)
     lens = [1, P + R + 3, 150, 260]
     for gqa, d, q_dtype in ((4, 128, torch.bfloat16), (2, 64, torch.float32)):
         case = make_decode_case(lens, num_kv_heads=2, gqa=gqa, head_dim=d, window=WIN,
@@ -255,7 +259,14 @@ def test_plan_rejects_bad_tiles_and_unpack_names(monkeypatch):
         _dot_config(x, x)
 
 
-def test_plan_split_heuristic():
+@pytest.fixture
+def bf16_codes(monkeypatch):
+    """The bf16 code variants' plan (BLOCK_N 128, 2 stages, PROGRAMS_PER_SM); the default sub
+    codes re-tile 4-head programs (test_plan_tiles_sub_codes_at_four_heads)."""
+    monkeypatch.setenv("OSCAR_KV_INT2_CODES", "centered")
+
+
+def test_plan_split_heuristic(bf16_codes):
     # GQA 4, 8 KV heads, 4 heads per program (block-diagonal q): 2 programs per sequence
     p = plan_decode(1, 32, 8, 128, max_body_len=131072, max_hp_len=327, device="cpu",
                     num_sms=132, kv_group=4)
@@ -278,7 +289,7 @@ def test_plan_split_heuristic():
 
 
 @pytest.mark.parametrize("batch,body", [(64, 130752), (128, 130752), (256, 65216), (8, 10**6)])
-def test_plan_caps_tokens_per_int2_split(batch, body):
+def test_plan_caps_tokens_per_int2_split(bf16_codes, batch, body):
     """Large batches fill the GPU with few splits, but one split accumulating more than
     SPLIT_MAX_TOKENS INT2 tokens loses accuracy (fp32 tensor-core accumulation of sum(w c)):
     the plan takes at least body / SPLIT_MAX_TOKENS splits. The BF16 tier has no such floor."""
@@ -316,7 +327,7 @@ def test_choose_kv_group_by_work(batch, body, want):
     assert choose_kv_group(batch, 64, 8, 128, 16, body) == min(want, 2)
 
 
-def test_plan_split_target_follows_kv_group_occupancy():
+def test_plan_split_target_follows_kv_group_occupancy(bf16_codes):
     """The split target per SM is the sm_90 occupancy of the chosen program shape (1 head: 3,
     2 heads: 2; 4 heads: 4, measured best), BF16-only plans keep 4; an explicit value wins."""
     from oscar_kv.kernels.decode import _splits
@@ -329,6 +340,26 @@ def test_plan_split_target_follows_kv_group_occupancy():
     assert p.int2_splits == _splits(32448, 64, 4 * 132, 256, 16384) != 6
     p = plan_decode(8, 32, 8, 128, max_body_len=0, max_hp_len=32768, device="cpu", num_sms=132)
     assert p.hp_splits == _splits(32768, 64, 4 * 132, 128)
+
+
+def test_plan_tiles_sub_codes_at_four_heads(monkeypatch):
+    """Default (sub) codes at 4 KV heads per program: BLOCK_N 64, 3 stages, 2 programs per SM
+    (SUB_KVG4_TILE, from the H200 sweep); 1 and 2 heads and the bf16 variants keep 128 / 2 /
+    PROGRAMS_PER_SM; explicit arguments win."""
+    from oscar_kv.kernels.decode import SPLIT_MAX_TOKENS, SUB_KVG4_TILE, _splits
+
+    monkeypatch.delenv("OSCAR_KV_INT2_CODES", raising=False)
+    kw = dict(max_body_len=32448, max_hp_len=320, device="cpu", num_sms=132)
+    p = plan_decode(8, 32, 8, 128, **kw)
+    assert (p.kv_group, p.block_n, p.num_stages) == (4, 64, 3) == (
+        4, SUB_KVG4_TILE["block_n"], SUB_KVG4_TILE["num_stages"])
+    assert p.int2_splits == _splits(32448, 16, 2 * 132, 128, SPLIT_MAX_TOKENS) == 16
+    p = plan_decode(8, 32, 8, 128, kv_group=2, **kw)
+    assert (p.block_n, p.num_stages) == (128, 2)
+    p = plan_decode(8, 32, 8, 128, block_n=128, num_stages=2, programs_per_sm=4, **kw)
+    assert (p.block_n, p.num_stages, p.int2_splits) == (128, 2, 32)
+    monkeypatch.setenv("OSCAR_KV_INT2_CODES", "plain")
+    assert plan_decode(8, 32, 8, 128, **kw).block_n == 128
 
 
 def test_plan_with_grouped_rows_counts_one_head_per_program():

@@ -115,7 +115,10 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
     128 + c the V accumulator would carry 128 * sum(w) and cancel it at the end, which loses
     the result to fp32 rounding when sum(w (c - z)) is small (long contexts).
     MAGIC 1: int -> bf16 conversions in plain Triton. MAGIC 0 (interpreter): fp32.
-    CENTER: c - 1.5 instead of c (exact in every variant; `_UNPACK_ASM_CENTERED`)."""
+    CENTER: c - 1.5 instead of c (exact in every variant; `_UNPACK_ASM_CENTERED`).
+    MAGIC 3 (the "sub" codes): fp16 c 4^k 2^-24 for field k, from the bits in place (one AND
+    per two codes, `_UNPACK_SUB_ASM`); 5: the same without asm (small tiles); 4: the same
+    values in fp32 (interpreter). Never centered."""
     off: tl.constexpr = 1.5 if CENTER else 0.0
     if MAGIC == 1:
         if CENTER:  # c - 1.5 is exact in fp32 and in bf16
@@ -128,6 +131,12 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
             c1 = ((word >> 2) & 3).to(tl.bfloat16)
             c2 = ((word >> 4) & 3).to(tl.bfloat16)
             c3 = ((word >> 6) & 3).to(tl.bfloat16)
+        return c0, c1, c2, c3
+    elif MAGIC == 5:  # 3 without the asm (small tiles): field k's bits in place, as fp16
+        c0 = (word & 3).to(tl.uint16).to(tl.float16, bitcast=True)
+        c1 = (word & 12).to(tl.uint16).to(tl.float16, bitcast=True)
+        c2 = (word & 48).to(tl.uint16).to(tl.float16, bitcast=True)
+        c3 = (word & 192).to(tl.uint16).to(tl.float16, bitcast=True)
         return c0, c1, c2, c3
     elif MAGIC == 4:  # the interpreter's twin of 3: the same values in fp32 (c 4^k 2^-24)
         c0 = (word & 3).to(tl.float32) * 5.9604644775390625e-08
