@@ -18,11 +18,11 @@ stage() {  # copy one wheel chunk to /tmp/stage (installed by the serving phase)
 case "${1:?phase: kernels | decode | serving | capture}" in
   kernels)
     stage c1
-    # the one-split 128K accuracy (centered default vs plain codes) prints with -s
+    # the one-split 128K accuracy (sub default, centered, plain codes) prints with -s
     PYTHONPATH=$PWD timeout 300 python3 -m pytest -q -s -m gpu tests/kernels -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "one split|passed|failed|Error" ;
     PYTHONPATH=$PWD timeout 250 python3 benchmarks/bench_decode.py --context 4096 32768 131072 \
-      --batch 1 8 32 --plain-codes --no-flashinfer --out "$OUT/decode_grid" 2>&1 \
+      --batch 1 8 32 --also-codes centered plain --no-flashinfer --out "$OUT/decode_grid" 2>&1 \
       | tee "$OUT/bench_decode_grid.log" | tail -25 ;;
   decode)
     stage c2
