@@ -187,7 +187,7 @@ def _int2_tile(q0, q1, q2, q3, qsum, qscale, kb, vb, ks, kz, vs, vz, mask_n, qk_
     raw = tl.dot(q2, kc2, raw)
     raw = tl.dot(q3, kc3, raw)
     ksf = ks.to(tl.float32) * qk_scale
-    # MAGIC 3: q quarter k was scaled by A 4^-k and field k holds c 4^k 2^-24, so raw is
+    # MAGIC >= 3 (sub): q quarter k was scaled by A 4^-k and field k holds c 4^k 2^-24, so raw is
     # A 2^-24 q.c and qscale = 2^24 / A per row (exact powers of 2); else qscale = 1
     qk = (raw * qscale[:, None] - qsum[:, None] * (kz.to(tl.float32) - off)) * ksf
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
