@@ -128,12 +128,13 @@ def main() -> None:
                          "parameter)")
     ap.add_argument("--dump", type=Path, default=None)
     a = ap.parse_args()
+    import triton.language as tl
+
+    named = {"True": True, "False": False, "fp16": tl.float16, "bf16": tl.bfloat16,
+             "fp32": tl.float32}
     extra = {}
     for kv in a.set:
         name, val = kv.split("=", 1)
-        import triton.language as tl
-        named = {"True": True, "False": False, "fp16": tl.float16, "bf16": tl.bfloat16,
-                 "fp32": tl.float32}
         extra[name] = named.get(val, int(val) if val.isdigit() else val)
     k = compile_stage1(a.block_n, a.num_warps, a.num_stages, maxnreg=a.maxnreg,
                        kv_group=a.kv_group, **extra)

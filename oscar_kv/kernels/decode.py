@@ -31,8 +31,8 @@ MAX_SPLITS = 128
 # cores' fp32 accumulation error grows with it: on the H200 (session-4 sweep, batch 32 at 128K)
 # configs with 64K / 43K / 32K tokens per split differed from the 16K-per-split default by
 # 1.6 % / 0.8 % / 0.5 % (relative L2), against 0.2-0.3 % bf16 noise at short splits. The
-# centered codes (the default since 2026-12-02) remove that growth; the cap stays for the
-# "plain" variant and because the swept plans that respect it ran within 3 % of the best.
+# default "sub" codes accumulate sum(w c) too, so the cap applies to them; only the "centered"
+# codes remove that growth (see CODES_ENV).
 SPLIT_MAX_TOKENS = 16384
 # stage-1 programs per SM that the split heuristic aims for, by KV heads per program: the
 # sm_90 builds' occupancy for 1 (168 registers: 3) and 2 heads (242: 2); 4 heads (255 + stack:

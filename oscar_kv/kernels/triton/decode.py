@@ -117,8 +117,8 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
     MAGIC 1: int -> bf16 conversions in plain Triton. MAGIC 0 (interpreter): fp32.
     CENTER: c - 1.5 instead of c (exact in every variant; `_UNPACK_ASM_CENTERED`).
     MAGIC 3 (the "sub" codes): fp16 c 4^k 2^-24 for field k, from the bits in place (one AND
-    per two codes, `_UNPACK_SUB_ASM`); 5: the same without asm (small tiles); 4: the same
-    values in fp32 (interpreter). Never centered."""
+    per two codes, `_UNPACK_SUB_ASM`); 5: the same without asm (small tiles); 4: 5's values
+    in fp32 (interpreter). Never centered."""
     off: tl.constexpr = 1.5 if CENTER else 0.0
     if MAGIC == 1:
         if CENTER:  # c - 1.5 is exact in fp32 and in bf16
@@ -132,17 +132,14 @@ def _unpack4(word, MAGIC: tl.constexpr, CENTER: tl.constexpr):
             c2 = ((word >> 4) & 3).to(tl.bfloat16)
             c3 = ((word >> 6) & 3).to(tl.bfloat16)
         return c0, c1, c2, c3
-    elif MAGIC == 5:  # 3 without the asm (small tiles): field k's bits in place, as fp16
+    elif MAGIC == 4 or MAGIC == 5:  # 3 without the asm: field k's bits in place, as fp16
         c0 = (word & 3).to(tl.uint16).to(tl.float16, bitcast=True)
         c1 = (word & 12).to(tl.uint16).to(tl.float16, bitcast=True)
         c2 = (word & 48).to(tl.uint16).to(tl.float16, bitcast=True)
         c3 = (word & 192).to(tl.uint16).to(tl.float16, bitcast=True)
-        return c0, c1, c2, c3
-    elif MAGIC == 4:  # the interpreter's twin of 3: the same values in fp32 (c 4^k 2^-24)
-        c0 = (word & 3).to(tl.float32) * 5.9604644775390625e-08
-        c1 = ((word >> 2) & 3).to(tl.float32) * 2.384185791015625e-07
-        c2 = ((word >> 4) & 3).to(tl.float32) * 9.5367431640625e-07
-        c3 = ((word >> 6) & 3).to(tl.float32) * 3.814697265625e-06
+        if MAGIC == 4:  # the interpreter's fp32 dots: the same values, exact in fp32
+            c0, c1, c2, c3 = c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32), c3.to(
+                tl.float32)
         return c0, c1, c2, c3
     elif MAGIC == 3:
         return tl.inline_asm_elementwise(
